@@ -1,0 +1,3 @@
+from auditui.cli import main
+
+main()

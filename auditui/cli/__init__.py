@@ -1,0 +1,55 @@
+"""`auditui`: bare, it opens the TUI; its subcommands are the headless engine steps (--json).
+
+Every user-facing error is one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+from auditui.cli.common import DbOpt, DeviceOpt, DtypeOpt, ModelOpt, PackOpt, settings_from
+from auditui.errors import AuditError
+
+
+class AuditGroup(TyperGroup):
+    """Turns AuditError anywhere below into `error: ...` and exit code 2."""
+
+    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except AuditError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(cls=AuditGroup, add_completion=False, no_args_is_help=False,
+                  pretty_exceptions_enable=False,
+                  help="Audit language models with sparse autoencoders. Bare `auditui` opens the TUI.")
+
+
+@app.callback(invoke_without_command=True)
+def root(ctx: typer.Context, model: ModelOpt = None, pack: PackOpt = None, device: DeviceOpt = None,
+         dtype: DtypeOpt = None, db: DbOpt = None) -> None:
+    """Open the TUI when no command is given."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from auditui.tui.app import run_app
+
+    run_app(settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db))
+
+
+# Command modules register themselves on `app` when imported.
+from auditui.cli import setup  # noqa: E402,F401
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""The Textual face of auditui: screens over engine calls run in workers."""

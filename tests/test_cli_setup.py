@@ -1,0 +1,61 @@
+"""`auditui doctor` / `auditui inspect` run offline on tiny fixtures; errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from auditui.cli import app
+
+runner = CliRunner()
+
+
+def test_inspect_json_reports_sites_and_coverage(tiny_models, tiny_packs):
+    result = runner.invoke(app, ["inspect", "--model", str(tiny_models["gpt_neox"]),
+                                 "--pack", str(tiny_packs["gpt_neox"]), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"]["family"] == "gpt_neox" and data["model"]["parallel_blocks"] is True
+    assert data["model"]["n_layers"] == 3 and data["sites"]["resid_post"] == 64
+    coverage = {row["layer"]: row for row in data["coverage"]}
+    assert coverage[0]["resid_pre"] and coverage[2]["mlp_out"] and coverage[1]["resid_pre"] is None
+    assert len(data["saes"]) == 10 and data["pack"]["name"] == "tiny"
+
+
+def test_inspect_human_table(tiny_models, tiny_packs):
+    result = runner.invoke(app, ["inspect", "--model", str(tiny_models["llama"]), "--pack", str(tiny_packs["llama"])])
+    assert result.exit_code == 0, result.output
+    assert "llama" in result.stdout and "resid_post" in result.stdout and "topk/128" in result.stdout
+
+
+def test_doctor_json_finds_model_and_pack(tiny_models, tiny_packs):
+    result = runner.invoke(app, ["doctor", "--model", str(tiny_models["gpt2"]), "--pack", str(tiny_packs["gpt2"]),
+                                 "--load", "--json"])
+    assert result.exit_code == 0, result.output
+    checks = {row["check"]: row for row in json.loads(result.stdout)}
+    assert checks["model"]["ok"] and checks["pack"]["ok"] and checks["load"]["ok"]
+    assert "3 layers, 10 SAEs" in checks["load"]["detail"]
+
+
+def test_doctor_says_how_to_fix_a_missing_pack(tiny_models):
+    result = runner.invoke(app, ["doctor", "--model", str(tiny_models["gpt2"]), "--pack", "demo", "--json"])
+    checks = {row["check"]: row for row in json.loads(result.stdout)}
+    assert not checks["pack"]["ok"] and "auditui pack build demo" in checks["pack"]["fix"]
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny_models, tiny_packs):
+    """Run the real entry point: no traceback, one line on stderr, exit code 2."""
+    cases = [
+        ["inspect", "--model", str(tmp_path / "nope"), "--pack", ""],
+        ["inspect", "--model", str(tiny_models["gpt2"]), "--pack", str(tmp_path)],
+        ["inspect", "--model", str(tiny_models["gpt2"]), "--pack", str(tiny_packs["llama"]), "--device", "cuda:7"],
+    ]
+    for args in cases:
+        proc = subprocess.run([sys.executable, "-m", "auditui", *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if not line.startswith("...")]
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert "Traceback" not in proc.stderr
