@@ -43,7 +43,7 @@ def root(ctx: typer.Context, model: ModelOpt = None, pack: PackOpt = None, devic
 
 
 # Command modules register themselves on `app` when imported.
-from auditui.cli import setup  # noqa: E402,F401
+from auditui.cli import attribute, flow, pack, sessions, setup  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,3 @@
+"""Headless commands (filled in by its issue)."""
+
+from auditui.cli import app  # noqa: F401

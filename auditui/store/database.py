@@ -1,0 +1,310 @@
+"""Store: one SQLite file holding many sessions, through sqlite-utils.
+
+* WAL mode; one connection per thread (connections never cross threads).
+* Every write is its own committed transaction, made when the user acts.
+* The schema version lives in `PRAGMA user_version`; older files are migrated forward in one
+  transaction, newer ones are refused untouched.
+* A newer schema, a corrupt file or an unwritable location raise AuditError (one line).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from auditui.errors import AuditError
+from auditui.store.schema import MIGRATIONS, SCHEMA_VERSION
+
+LABELS = ("positive", "negative", "unlabelled")
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str)
+
+
+def _loads(value: str | None) -> Any:
+    return None if value in (None, "") else json.loads(value)
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self._local = threading.local()
+        self._open_and_migrate()
+
+    # -- connections ---------------------------------------------------------------------------
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """This thread's connection (created on first use)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = sqlite_utils.Database(self._connect(), execute_plugins=False)
+        return db
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=30)
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA busy_timeout = 30000")
+            return conn
+        except (sqlite3.Error, OSError) as exc:
+            raise AuditError(f"cannot open session database {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.conn.close()
+            self._local.db = None
+
+    def _open_and_migrate(self) -> None:
+        try:
+            db = self.db
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise AuditError(f"{self.path} was written by a newer auditui (schema {version} > "
+                                 f"{SCHEMA_VERSION}); upgrade auditui to open it")
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise AuditError(f"cannot use WAL journaling for {self.path} (got {mode})")
+            if version < SCHEMA_VERSION:
+                with db.conn:
+                    for migrate in MIGRATIONS[version:]:
+                        migrate(db)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            reason = str(exc)
+            if "readonly" in reason or "unable to open" in reason:
+                raise AuditError(f"cannot write session database {self.path}: {reason} "
+                                 "(is the directory read-only? pass --db elsewhere)") from None
+            raise AuditError(f"{self.path} is not a usable auditui database: {reason}") from None
+        except AuditError:
+            self.close()
+            raise
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite_utils.Database]:
+        db = self.db
+        try:
+            with db.conn:
+                yield db
+        except sqlite3.OperationalError as exc:
+            raise AuditError(f"cannot write to {self.path}: {exc}") from None
+
+    def integrity_check(self) -> str:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+
+    # -- sessions ------------------------------------------------------------------------------
+    def create_session(self, name: str, model_id: str = "", pack_id: str = "") -> int:
+        if not name.strip():
+            raise AuditError("a session needs a name")
+        with self._write() as db:
+            now = _now()
+            return db["sessions"].insert({"name": name.strip(), "created": now, "updated": now,
+                                          "model_id": model_id, "pack_id": pack_id, "notes": ""}).last_pk
+
+    def sessions(self) -> list[dict]:
+        return list(self.db.query("""
+            SELECT s.*, (SELECT COUNT(*) FROM prompts p WHERE p.session_id = s.id) AS n_prompts,
+                   (SELECT COUNT(*) FROM completions c WHERE c.session_id = s.id) AS n_completions,
+                   (SELECT COUNT(*) FROM runs r WHERE r.session_id = s.id) AS n_runs
+            FROM sessions s ORDER BY s.updated DESC, s.id DESC"""))
+
+    def session(self, session_id: int) -> dict:
+        rows = list(self.db.query("SELECT * FROM sessions WHERE id = ?", [session_id]))
+        if not rows:
+            raise AuditError(f"no session {session_id} in {self.path}")
+        return rows[0]
+
+    def latest_session_id(self) -> int | None:
+        row = self.db.execute("SELECT id FROM sessions ORDER BY updated DESC, id DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def resolve_session(self, session_id: int | None) -> int:
+        """The given session, or the most recently used one; a clear error when there is none."""
+        if session_id is not None:
+            return int(self.session(session_id)["id"])
+        latest = self.latest_session_id()
+        if latest is None:
+            raise AuditError(f"no session in {self.path} yet; create one with: auditui session new NAME")
+        return latest
+
+    def touch_session(self, session_id: int, **fields: Any) -> None:
+        with self._write() as db:
+            db["sessions"].update(session_id, {"updated": _now(), **fields})
+
+    def rename_session(self, session_id: int, name: str) -> None:
+        if not name.strip():
+            raise AuditError("a session needs a name")
+        self.session(session_id)
+        self.touch_session(session_id, name=name.strip())
+
+    def delete_session(self, session_id: int) -> None:
+        self.session(session_id)
+        with self._write() as db:
+            for sql in (
+                "DELETE FROM blobs WHERE run_id IN (SELECT id FROM runs WHERE session_id = ?)",
+                "DELETE FROM runs WHERE session_id = ?",
+                "DELETE FROM labels WHERE completion_id IN (SELECT id FROM completions WHERE session_id = ?)",
+                "DELETE FROM completions WHERE session_id = ?",
+                "DELETE FROM prompts WHERE session_id = ?",
+                "DELETE FROM features WHERE session_id = ?",
+                "DELETE FROM sessions WHERE id = ?",
+            ):
+                db.execute(sql, [session_id])
+
+    # -- prompts and completions ---------------------------------------------------------------
+    def add_prompt(self, session_id: int, text: str, prompt_ids: list[int] | None = None,
+                   system: str | None = None, chat: bool = True) -> int:
+        self.session(session_id)
+        with self._write() as db:
+            pk = db["prompts"].insert({"session_id": session_id, "text": text, "system": system,
+                                       "chat": int(chat), "prompt_ids": _json(prompt_ids),
+                                       "created": _now()}).last_pk
+            db["sessions"].update(session_id, {"updated": _now()})
+            return pk
+
+    def prompts(self, session_id: int) -> list[dict]:
+        rows = self.db.query("SELECT * FROM prompts WHERE session_id = ? ORDER BY id", [session_id])
+        return [{**row, "prompt_ids": _loads(row["prompt_ids"])} for row in rows]
+
+    def prompt(self, prompt_id: int) -> dict:
+        rows = list(self.db.query("SELECT * FROM prompts WHERE id = ?", [prompt_id]))
+        if not rows:
+            raise AuditError(f"no prompt {prompt_id}")
+        return {**rows[0], "prompt_ids": _loads(rows[0]["prompt_ids"])}
+
+    def add_completion(self, prompt_id: int, text: str, token_ids: list[int], seed: int,
+                       params: dict, model_id: str = "", pack_id: str = "", finish_reason: str = "") -> int:
+        prompt = self.prompt(prompt_id)
+        with self._write() as db:
+            return db["completions"].insert({
+                "session_id": prompt["session_id"], "prompt_id": prompt_id, "text": text,
+                "token_ids": _json(token_ids), "seed": seed, "params": _json(params), "model_id": model_id,
+                "pack_id": pack_id, "finish_reason": finish_reason, "created": _now()}).last_pk
+
+    def completions(self, session_id: int | None = None, prompt_id: int | None = None) -> list[dict]:
+        where, args = [], []
+        if session_id is not None:
+            where.append("c.session_id = ?")
+            args.append(session_id)
+        if prompt_id is not None:
+            where.append("c.prompt_id = ?")
+            args.append(prompt_id)
+        sql = ("SELECT c.*, COALESCE(l.label, 'unlabelled') AS label, l.labeller FROM completions c "
+               "LEFT JOIN labels l ON l.completion_id = c.id"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY c.id")
+        return [{**row, "token_ids": _loads(row["token_ids"]), "params": _loads(row["params"])}
+                for row in self.db.query(sql, args)]
+
+    def completion(self, completion_id: int) -> dict:
+        rows = [c for c in self.completions_by_ids([completion_id])]
+        if not rows:
+            raise AuditError(f"no completion {completion_id}")
+        return rows[0]
+
+    def completions_by_ids(self, ids: list[int]) -> list[dict]:
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        sql = ("SELECT c.*, COALESCE(l.label, 'unlabelled') AS label, l.labeller FROM completions c "
+               f"LEFT JOIN labels l ON l.completion_id = c.id WHERE c.id IN ({marks}) ORDER BY c.id")
+        return [{**row, "token_ids": _loads(row["token_ids"]), "params": _loads(row["params"])}
+                for row in self.db.query(sql, ids)]
+
+    def set_label(self, completion_id: int, label: str, labeller: str = "user") -> None:
+        aliases = {"pos": "positive", "+": "positive", "neg": "negative", "-": "negative",
+                   "none": "unlabelled", "0": "unlabelled"}
+        label = aliases.get(label, label)
+        if label not in LABELS:
+            raise AuditError(f"unknown label {label!r}; use positive/pos/+, negative/neg/- or none/0")
+        completion = self.completion(completion_id)
+        with self._write() as db:
+            db["labels"].upsert({"completion_id": completion_id, "label": label, "labeller": labeller,
+                                 "updated": _now()}, pk="completion_id")
+            db["sessions"].update(completion["session_id"], {"updated": _now()})
+
+    def pairs(self, session_id: int) -> list[dict]:
+        """Prompts with both labels: {prompt_id, positive: [completion ids], negative: [...]}."""
+        out = []
+        for row in self.db.query("SELECT prompt_id FROM pairs WHERE session_id = ? ORDER BY prompt_id",
+                                 [session_id]):
+            comps = self.completions(prompt_id=row["prompt_id"])
+            out.append({"prompt_id": row["prompt_id"],
+                        "positive": [c["id"] for c in comps if c["label"] == "positive"],
+                        "negative": [c["id"] for c in comps if c["label"] == "negative"]})
+        return out
+
+    # -- runs (results of attribution, flow, steering, heads, judge ...) -----------------------
+    def start_run(self, session_id: int, kind: str, params: dict) -> int:
+        self.session(session_id)
+        with self._write() as db:
+            pk = db["runs"].insert({"session_id": session_id, "kind": kind, "status": "running",
+                                    "params": _json(params), "created": _now()}).last_pk
+            db["sessions"].update(session_id, {"updated": _now()})
+            return pk
+
+    def finish_run(self, run_id: int, result: Any, summary: Any = None) -> None:
+        with self._write() as db:
+            db["runs"].update(run_id, {"status": "done", "result": _json(result), "summary": _json(summary),
+                                       "finished": _now()})
+
+    def fail_run(self, run_id: int, error: str, status: str = "failed") -> None:
+        with self._write() as db:
+            db["runs"].update(run_id, {"status": status, "error": error, "finished": _now()})
+
+    def runs(self, session_id: int, kind: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM runs WHERE session_id = ?" + (" AND kind = ?" if kind else "") + " ORDER BY id"
+        args: list[Any] = [session_id] + ([kind] if kind else [])
+        return [self._run_row(row) for row in self.db.query(sql, args)]
+
+    def run(self, run_id: int) -> dict:
+        rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
+        if not rows:
+            raise AuditError(f"no run {run_id}")
+        return self._run_row(rows[0])
+
+    @staticmethod
+    def _run_row(row: dict) -> dict:
+        return {**row, "params": _loads(row["params"]), "summary": _loads(row["summary"]),
+                "result": _loads(row["result"])}
+
+    def put_blob(self, run_id: int, name: str, data: bytes) -> None:
+        with self._write() as db:
+            db["blobs"].upsert({"run_id": run_id, "name": name, "data": data}, pk=("run_id", "name"))
+
+    def get_blob(self, run_id: int, name: str) -> bytes | None:
+        row = self.db.execute("SELECT data FROM blobs WHERE run_id = ? AND name = ?", [run_id, name]).fetchone()
+        return row[0] if row else None
+
+    # -- features chosen for later steps (e.g. a steering set) ---------------------------------
+    def add_feature(self, session_id: int, site: str, latent: int, source: str, note: str = "") -> int:
+        self.session(session_id)
+        with self._write() as db:
+            existing = db.execute("SELECT id FROM features WHERE session_id = ? AND site = ? AND latent = ?",
+                                  [session_id, site, latent]).fetchone()
+            if existing:
+                return existing[0]
+            return db["features"].insert({"session_id": session_id, "site": site, "latent": latent,
+                                          "source": source, "note": note, "created": _now()}).last_pk
+
+    def remove_feature(self, feature_id: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM features WHERE id = ?", [feature_id])
+
+    def features(self, session_id: int) -> list[dict]:
+        return list(self.db.query("SELECT * FROM features WHERE session_id = ? ORDER BY site, latent",
+                                  [session_id]))
