@@ -75,7 +75,9 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0, n_layers: int = 
     activations and logits (a near-constant model makes every test pass vacuously).
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     tokenizer = tiny_tokenizer()
     config = tiny_config(family, len(tokenizer), n_layers, d_model)
     config.initializer_range = init_std

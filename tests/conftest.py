@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["TZ"] = "UTC"  # snapshot tests show local times
+time.tzset()
 
 from pathlib import Path  # noqa: E402
 
@@ -19,7 +22,7 @@ from auditui.testing import FAMILIES, build_tiny_model, build_tiny_pack  # noqa:
 @pytest.fixture(autouse=True)
 def _isolated_settings(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reads or writes the user's config, cache or session database."""
-    home = tmp_path_factory.getbasetemp() / "auditui-home"
+    home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("AUDITUI_CONFIG", str(home / "config.toml"))
     monkeypatch.setenv("AUDITUI_CACHE_DIR", str(home / "cache"))
     monkeypatch.setenv("AUDITUI_DB", str(home / "sessions.db"))

@@ -47,15 +47,27 @@ def test_doctor_says_how_to_fix_a_missing_pack(tiny_models):
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny_models, tiny_packs):
-    """Run the real entry point: no traceback, one line on stderr, exit code 2."""
     cases = [
         ["inspect", "--model", str(tmp_path / "nope"), "--pack", ""],
         ["inspect", "--model", str(tiny_models["gpt2"]), "--pack", str(tmp_path)],
         ["inspect", "--model", str(tiny_models["gpt2"]), "--pack", str(tiny_packs["llama"]), "--device", "cuda:7"],
     ]
     for args in cases:
-        proc = subprocess.run([sys.executable, "-m", "auditui", *args], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        lines = [line for line in proc.stderr.splitlines() if not line.startswith("...")]
-        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-        assert "Traceback" not in proc.stderr
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.stderr.splitlines() if not line.startswith("...")]
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def test_real_entry_point_error_has_no_traceback(tmp_path):
+    """The installed entry point itself: one line on stderr, exit code 2."""
+    proc = subprocess.run([sys.executable, "-m", "auditui", "inspect", "--model", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: model directory not found: {tmp_path / 'nope'}"
+
+
+def test_every_command_has_help():
+    for args in ([], ["doctor"], ["inspect"], ["session"], ["sample"], ["label"], ["report"], ["attribute"],
+                 ["flow"], ["flow", "deactivate"], ["pack"]):
+        result = runner.invoke(app, [*args, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.stdout, (args, result.output)

@@ -16,7 +16,7 @@ from auditui.errors import AuditError
 
 
 class AuditGroup(TyperGroup):
-    """Turns AuditError anywhere below into `error: ...` and exit code 2."""
+    """Turns AuditError anywhere below, and click's usage errors, into one `error: ...` line, exit 2."""
 
     def invoke(self, ctx):  # type: ignore[no-untyped-def]
         try:
@@ -25,8 +25,20 @@ class AuditGroup(TyperGroup):
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
 
+    def main(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except Exception as exc:
+            code = getattr(exc, "exit_code", None)
+            if code is None or not hasattr(exc, "format_message"):  # not a click usage error
+                raise
+            message = exc.format_message()
+            typer.echo(message if "\n" in message.strip() else f"error: {message}", err=True)
+        if isinstance(code, int) and code:
+            sys.exit(code)
 
-app = typer.Typer(cls=AuditGroup, add_completion=False, no_args_is_help=False,
+
+app = typer.Typer(cls=AuditGroup, add_completion=False, no_args_is_help=False, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
                   help="Audit language models with sparse autoencoders. Bare `auditui` opens the TUI.")
 

@@ -1,3 +1,226 @@
-"""Headless commands (filled in by its issue)."""
+"""`auditui session new|list|show|rename|delete`, `auditui sample`, `auditui label`, `auditui report`.
 
-from auditui.cli import app  # noqa: F401
+Each acts on the most recent session of the database unless `--session ID` is given. Model text
+is printed with plain echo (never through Rich markup).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from auditui.cli import app
+from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, emit, progress_printer,
+                                settings_from)
+from auditui.config import Settings
+from auditui.errors import AuditError
+from auditui.store.database import Store, database_errors
+
+SessionOpt = Annotated[int | None, typer.Option("--session", "-s", help="session id (default: the most recent)")]
+
+session_app = typer.Typer(help="Create, list, show, rename and delete sessions.", no_args_is_help=True)
+app.add_typer(session_app, name="session")
+
+
+@contextmanager
+def open_store(db: str | None) -> Iterator[Store]:
+    """The settings' session database; SQLite failures inside become one-line errors."""
+    path = Path(settings_from(db=db).db)
+    with database_errors(path):
+        store = Store(path)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+def _shown(text: str) -> str:
+    """Model text for a terminal: control characters (escape sequences ...) as visible \\xNN codes."""
+    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _short(text: str, width: int = 72) -> str:
+    line = " ".join(_shown(text).split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+# -- session ------------------------------------------------------------------------------------
+@session_app.command("new")
+def session_new(name: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Create a session (it becomes the most recent one)."""
+    with open_store(db) as store:
+        session = store.session(store.create_session(name))
+    emit(session, as_json, lambda s: typer.echo(f"created session {s['id']}: {s['name']}"))
+
+
+@session_app.command("list")
+def session_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Sessions, most recently used first."""
+    with open_store(db) as store:
+        rows = store.sessions()
+
+    def human(sessions: list[dict]) -> None:
+        if not sessions:
+            typer.echo("no sessions yet; create one with: auditui session new NAME")
+        for s in sessions:
+            typer.echo(f"{s['id']:>4}  {_short(s['name'], 40):<40}  {s['n_prompts']:>3} prompts  "
+                       f"{s['n_completions']:>4} completions  {s['n_runs']:>3} runs")
+    emit(rows, as_json, human)
+
+
+def _print_session(data: dict) -> None:
+    s = data["session"]
+    typer.echo(f"session {s['id']}: {s['name']} (model {s['model_id'] or '-'}, pack {s['pack_id'] or '-'})")
+    for prompt in data["prompts"]:
+        typer.echo(f"prompt {prompt['id']}: {_short(prompt['text'])}")
+        for c in prompt["completions"]:
+            typer.echo(f"  #{c['id']:<5} {c['label']:<10} seed {c['seed']:<11} {c['finish_reason']:<6} "
+                       f"{_short(c['text'], 48)}")
+    for pair in data["pairs"]:
+        typer.echo(f"pair on prompt {pair['prompt_id']}: +{pair['positive']} -{pair['negative']}")
+    for run in data["runs"]:
+        headline = (run["summary"] or {}).get("headline", "") if isinstance(run["summary"], dict) else ""
+        typer.echo(f"run {run['id']}: {run['kind']} ({run['status']}) {headline}")
+
+
+@session_app.command("show")
+def session_show(session_id: Annotated[int | None, typer.Argument(help="default: the most recent")] = None,
+                 db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """A session's prompts, completions (labels, seeds), pairs and runs."""
+    from auditui.store.reports import session_data
+
+    with open_store(db) as store:
+        data = session_data(store, store.resolve_session(session_id))
+    emit(data, as_json, _print_session)
+
+
+@session_app.command("rename")
+def session_rename(session_id: int, name: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Rename a session."""
+    with open_store(db) as store:
+        store.rename_session(session_id, name)
+        session = store.session(session_id)
+    emit(session, as_json, lambda s: typer.echo(f"renamed session {s['id']} to {s['name']}"))
+
+
+@session_app.command("delete")
+def session_delete(session_id: int, yes: Annotated[bool, typer.Option("--yes", help="really delete it")] = False,
+                   db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Delete a session and everything in it (needs --yes)."""
+    with open_store(db) as store:
+        session = store.session(session_id)
+        if not yes:
+            raise AuditError(f"deleting session {session_id} ({session['name']}) loses its prompts, completions "
+                             "and runs; pass --yes to confirm")
+        store.delete_session(session_id)
+    emit({"deleted": session_id}, as_json, lambda _d: typer.echo(f"deleted session {session_id}"))
+
+
+# -- sample -------------------------------------------------------------------------------------
+def _pack_id(settings: Settings) -> str:
+    """The pack's name as the engine records it; "" when there is none (sampling never loads SAEs)."""
+    from auditui.engine.saes import read_pack, resolve_pack_dir
+
+    if not settings.pack:
+        return ""
+    try:
+        return read_pack(resolve_pack_dir(settings.pack, settings.cache_path)).name
+    except AuditError:
+        return ""
+
+
+def _progress_lines(say: Callable[[str], None]) -> Callable[[int, int], None]:
+    """on_progress for the terminal: one stderr line per 10% of the token steps."""
+    shown = [-1]
+
+    def report(done: int, total: int) -> None:
+        tenth = 10 * done // total
+        if tenth != shown[0]:
+            shown[0] = tenth
+            say(f"sampling {100 * done // total}%")
+    return report
+
+
+def _print_samples(result: dict) -> None:
+    typer.echo(f"prompt {result['prompt_id']} in session {result['session_id']} (seed {result['seed']})")
+    for c in result["completions"]:
+        typer.echo(f"\n#{c['id']} seed {c['seed']} ({c['finish_reason']}, {len(c['token_ids'])} tokens)")
+        typer.echo(_shown(c["text"]))
+
+
+@app.command()
+def sample(prompt: Annotated[str, typer.Option("--prompt", help="the user prompt")],
+           n: Annotated[int, typer.Option("-n", help="number of completions")] = 8,
+           temperature: Annotated[float, typer.Option(help="0 = greedy")] = 1.0,
+           top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+           max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+           seed: Annotated[int | None, typer.Option(help="completion i gets seed+i (default random)")] = None,
+           batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+           raw: Annotated[bool, typer.Option("--raw", help="no chat template")] = False,
+           system: Annotated[str | None, typer.Option(help="system prompt (chat template only)")] = None,
+           session: SessionOpt = None, db: DbOpt = None, model: ModelOpt = None, pack: PackOpt = None,
+           device: DeviceOpt = None, dtype: DtypeOpt = None, as_json: JsonOpt = False) -> None:
+    """Sample N completions of a prompt into the session (each reproducible from its seed)."""
+    from auditui.engine.model import load_model
+    from auditui.engine.sampling import SamplingParams, check_counts, random_seed, sample_into_session
+
+    settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                            chat=False if raw else None, system=system)
+    seed = random_seed() if seed is None else seed
+    check_counts(n, seed, batch_size)
+    with open_store(db) as store:
+        session_id = store.resolve_session(session)
+        say = progress_printer(as_json)
+        lm = load_model(settings.model, settings.device, settings.dtype, settings.cache_path, say)
+        prompt_id, ids = sample_into_session(store, lm, session_id, prompt, n, params, seed=seed,
+                                             batch_size=batch_size, on_progress=_progress_lines(say),
+                                             pack_id=_pack_id(settings))
+        completions = store.completions_by_ids(ids)
+    result = {"session_id": session_id, "prompt_id": prompt_id, "seed": seed, "model_id": lm.model_id,
+              "completions": [{key: c[key] for key in ("id", "seed", "finish_reason", "text", "token_ids")}
+                              for c in completions]}
+    emit(result, as_json, _print_samples)
+
+
+# -- label, report ------------------------------------------------------------------------------
+@app.command()
+def label(completion_id: int, value: Annotated[str, typer.Argument(metavar="pos|neg|none")],
+          session: SessionOpt = None, db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Label a completion positive, negative or none (completion ids are unique in the database)."""
+    with open_store(db) as store:
+        completion = store.completion(completion_id)
+        if session is not None and completion["session_id"] != store.resolve_session(session):
+            raise AuditError(f"completion {completion_id} belongs to session {completion['session_id']}, "
+                             f"not {session}")
+        store.set_label(completion_id, value)
+        completion = store.completion(completion_id)
+        pairs = store.pairs(completion["session_id"])
+    result = {"completion_id": completion_id, "label": completion["label"], "pairs": pairs}
+    emit(result, as_json, lambda r: typer.echo(f"#{r['completion_id']} is {r['label']}; "
+                                               f"{len(r['pairs'])} prompt(s) with a pair"))
+
+
+@app.command()
+def report(fmt: Annotated[str, typer.Option("--format", "-f", help="md | html | json")] = "md",
+           out: Annotated[Path | None, typer.Option("--out", "-o", help="write to this file")] = None,
+           session: SessionOpt = None, db: DbOpt = None) -> None:
+    """The session's report: prompts, completions, labels, pairs and every run's results."""
+    from auditui.store.reports import render_report
+
+    with open_store(db) as store:
+        text = render_report(store, store.resolve_session(session), fmt)
+    if out is None:
+        sys.stdout.write(text)  # verbatim: echo would strip escape sequences out of model text
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise AuditError(f"cannot write {out}: {exc.strerror}") from None
+    typer.echo(f"wrote {out}", err=True)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from auditui.cli import app
 from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SaeOpt, emit,
                                 progress_printer, sae_specs, settings_from)
 from auditui.config import Settings
-from auditui.engine.sites import KINDS
 from auditui.errors import AuditError
 
 PACKAGES = ("torch", "transformers", "sae-lens", "textual", "rich", "gguf", "sqlite-utils", "openai", "typer")
@@ -104,6 +104,7 @@ def doctor(model: ModelOpt = None, pack: PackOpt = None, device: DeviceOpt = Non
 def inspect_data(model: str | None, pack: str | None, sae: list[str] | None, device: str | None,
                  dtype: str | None, as_json: bool) -> dict:
     from auditui.engine import open_engine
+    from auditui.engine.sites import KINDS
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype)
     engine = open_engine(settings, sae_specs(settings, sae), progress=progress_printer(as_json))
@@ -137,13 +138,14 @@ def inspect(model: ModelOpt = None, pack: PackOpt = None, sae: SaeOpt = None, de
     data = inspect_data(model, pack, sae, device, dtype, as_json)
 
     def human(d: dict) -> None:
+        kinds = list(d["sites"])
         console = Console()
         m = d["model"]
-        console.print(f"[bold]{m['id']}[/] ({m['family']}, {m['n_layers']} layers, d_model {m['d_model']}, "
+        console.print(f"[bold]{escape(m['id'])}[/] ({m['family']}, {m['n_layers']} layers, d_model {m['d_model']}, "
                       f"{m['n_heads']} heads x {m['d_head']}, {m['device']} {m['dtype']})", markup=True)
-        table = Table("layer", *KINDS, box=None)
+        table = Table("layer", *kinds, box=None)
         for row in d["coverage"]:
-            table.add_row(str(row["layer"]), *[row[k] or "-" for k in KINDS])
+            table.add_row(str(row["layer"]), *[row[k] or "-" for k in kinds])
         console.print(table)
         for warning in d["warnings"] + m["notes"]:
             console.print(f"note: {warning}", markup=False)

@@ -38,6 +38,21 @@ def _loads(value: str | None) -> Any:
     return None if value in (None, "") else json.loads(value)
 
 
+@contextmanager
+def database_errors(path: Path) -> Iterator[None]:
+    """Turn SQLite failures inside the block (damaged file, read-only place, lock) into one-line AuditErrors."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        reason = str(exc)
+        if "readonly" in reason or "unable to open" in reason:
+            raise AuditError(f"cannot write session database {path}: {reason} "
+                             "(is the directory read-only? pass --db elsewhere)") from None
+        if "malformed" in reason or "not a database" in reason:
+            raise AuditError(f"{path} is not a usable auditui database: {reason}") from None
+        raise AuditError(f"session database {path}: {reason}") from None
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
@@ -71,38 +86,42 @@ class Store:
 
     def _open_and_migrate(self) -> None:
         try:
-            db = self.db
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise AuditError(f"{self.path} was written by a newer auditui (schema {version} > "
-                                 f"{SCHEMA_VERSION}); upgrade auditui to open it")
-            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise AuditError(f"cannot use WAL journaling for {self.path} (got {mode})")
-            if version < SCHEMA_VERSION:
-                with db.conn:
-                    for migrate in MIGRATIONS[version:]:
-                        migrate(db)
-                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            self.close()
-            reason = str(exc)
-            if "readonly" in reason or "unable to open" in reason:
-                raise AuditError(f"cannot write session database {self.path}: {reason} "
-                                 "(is the directory read-only? pass --db elsewhere)") from None
-            raise AuditError(f"{self.path} is not a usable auditui database: {reason}") from None
+            with database_errors(self.path):
+                db = self.db
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise AuditError(f"{self.path} was written by a newer auditui (schema {version} > "
+                                     f"{SCHEMA_VERSION}); upgrade auditui to open it")
+                mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise AuditError(f"cannot use WAL journaling for {self.path} (got {mode})")
+                if version < SCHEMA_VERSION:
+                    self._migrate()
         except AuditError:
             self.close()
             raise
 
+    def _migrate(self) -> None:
+        """All pending migrations and the new version in one transaction (another process may race us)."""
+        with self._write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for migrate in MIGRATIONS[version:]:
+                migrate(db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
     @contextmanager
     def _write(self) -> Iterator[sqlite_utils.Database]:
-        db = self.db
-        try:
-            with db.conn:
+        """One IMMEDIATE transaction: it waits for other writers (busy timeout) instead of failing when
+        a read snapshot cannot be upgraded, and commits every statement inside together, or none."""
+        with database_errors(self.path):
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
                 yield db
-        except sqlite3.OperationalError as exc:
-            raise AuditError(f"cannot write to {self.path}: {exc}") from None
+            except BaseException:
+                db.rollback()
+                raise
+            db.commit()
 
     def integrity_check(self) -> str:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]

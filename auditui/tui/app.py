@@ -1,24 +1,172 @@
-"""Placeholder app (the full TUI lands with the sessions issue)."""
+"""The auditui Textual app: sessions, then one screen per mission step, over one engine queue.
+
+The first frame appears at once; the model and SAEs load in the engine queue with progress.
+Every engine call is a `Job` (see jobs.py); the app turns job messages into the status bar,
+notifications and the jobs' own callbacks. Nothing here computes: screens call engine/store
+functions inside jobs and render their results.
+"""
 
 from __future__ import annotations
 
-from textual.app import App, ComposeResult
-from textual.widgets import Footer, Header, Static
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from auditui.config import Settings
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from auditui.config import Settings, save_setting
+from auditui.errors import AuditError
+from auditui.store import Store
+from auditui.tui.guard import guard_call
+from auditui.tui.jobs import EngineQueue, Job, JobContext, JobDone, JobFailed, JobProgress, JobStarted
+from auditui.tui.screens.dialogs import Help
+from auditui.tui.themes import load_themes
+from auditui.tui.widgets.status import StatusBar
 
 
 class AuditApp(App):
+    CSS_PATH = "app.tcss"
     TITLE = "auditui"
+    BINDINGS = [
+        Binding("f1", "help", "Help"),
+        Binding("escape", "cancel_job", "Cancel job", show=False),
+        Binding("ctrl+t", "toggle_theme", "Theme", show=False),
+        Binding("ctrl+q", "quit", "Quit", show=False),
+    ]
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, load_engine: bool = True):
         super().__init__()
         self.settings = settings
+        self.load_engine = load_engine
+        self.store: Store | None = None
+        self.store_error = ""
+        self.engine_status = "engine: loading" if load_engine else "engine: off"
+        self.engine_error = ""
+        self.job_status: tuple[str, float, float] | None = None
+        self.jobs = EngineQueue(self.post_message)
+        self._jobs: dict[int, Job] = {}
 
-    def compose(self) -> ComposeResult:
-        yield Header()
-        yield Static(f"model {self.settings.model} · pack {self.settings.pack}")
-        yield Footer()
+    # -- start-up ------------------------------------------------------------------------------
+    def on_mount(self) -> None:
+        for theme in load_themes():
+            self.register_theme(theme)
+        self.theme = self.settings.theme if self.settings.theme in self.available_themes else "auditui-dark"
+        self.theme_changed_signal.subscribe(self, self._remember_theme)
+        self.jobs.start(self.run_worker)
+        try:
+            self.store = Store(self.settings.db)
+        except AuditError as exc:
+            self.store_error = str(exc)
+        from auditui.tui.screens.sessions import SessionsScreen
+
+        self.push_screen(SessionsScreen())
+        if self.load_engine:
+            self.submit("load model", self._load_engine, needs_engine=False)
+
+    def _load_engine(self, ctx: JobContext) -> str:
+        from pathlib import Path
+
+        from auditui.engine import Engine
+        from auditui.engine.model import load_model
+        from auditui.engine.saes import SAEBank
+
+        s = self.settings
+        ctx.progress(0, 2, f"loading {s.model}")
+        lm = load_model(s.model, s.device, s.dtype, s.cache_path, progress=lambda m: ctx.progress(0, 2, m))
+        ctx.progress(1, 2, "reading SAEs")
+        try:
+            bank = SAEBank.from_specs([s.pack] if s.pack else [], Path(s.cache_dir), lm.device, lm.model).attach(lm)
+            saes = f"{len(bank)} SAEs" + (f" ({bank.pack.name})" if bank.pack else "")
+        except AuditError as exc:
+            bank = SAEBank([], lm.device)
+            saes = "no SAEs"
+            self.call_from_thread(self.notify, str(exc), title="SAEs", severity="warning", timeout=10)
+        ctx.state["engine"] = Engine(settings=s, lm=lm, bank=bank)
+        return f"{lm.model_id} · {lm.n_layers} layers · {saes} · {lm.device}"
+
+    def _remember_theme(self, theme: Any) -> None:
+        save_setting("theme", theme.name)
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def submit(self, title: str, fn: Callable[[JobContext], Any], on_done: Callable[[Any], None] | None = None,
+               on_error: Callable[[str], None] | None = None, needs_engine: bool = True) -> Job:
+        """Queue engine work; `fn(ctx)` runs on the engine thread, callbacks on the UI thread."""
+        def run(ctx: JobContext) -> Any:
+            if needs_engine and "engine" not in ctx.state:
+                raise AuditError(f"the model is not loaded{': ' + self.engine_error if self.engine_error else ''}")
+            return fn(ctx)
+        job = Job(title, run, on_done, on_error)
+        self._jobs[job.id] = job
+        return self.jobs.submit(job)
+
+    def engine(self, ctx: JobContext) -> Any:
+        return ctx.state["engine"]
+
+    def on_job_started(self, message: JobStarted) -> None:
+        self._set_job((message.job.title, 0, 0))
+
+    def on_job_progress(self, message: JobProgress) -> None:
+        text = f"{message.job.title}: {message.message}" if message.message else message.job.title
+        self._set_job((text, message.done, message.total))
+
+    def on_job_done(self, message: JobDone) -> None:
+        self._set_job(None)
+        job = self._jobs.pop(message.job.id, message.job)
+        if job.title == "load model":
+            self.engine_status = str(message.result)
+            self._sync_status()
+        if job.on_done:
+            guard_call(self, job.on_done)(message.result)
+
+    def on_job_failed(self, message: JobFailed) -> None:
+        self._set_job(None)
+        job = self._jobs.pop(message.job.id, message.job)
+        if job.title == "load model":
+            self.engine_error = message.error
+            self.engine_status = "model not loaded"
+            self._sync_status()
+        if message.cancelled:
+            self.notify(f"{job.title}: cancelled", timeout=3)
+        else:
+            self.notify(message.error, title=job.title, severity="error", timeout=10, markup=False)
+        if job.on_error:
+            guard_call(self, job.on_error)(message.error)
+
+    def _set_job(self, status: tuple[str, float, float] | None) -> None:
+        self.job_status = status
+        self._sync_status()
+
+    def _sync_status(self) -> None:
+        for bar in self.screen.query(StatusBar):
+            bar.sync(self)
+
+    def on_screen_resume(self) -> None:
+        self._sync_status()
+
+    # -- actions -------------------------------------------------------------------------------
+    def action_cancel_job(self) -> None:
+        if self.jobs.cancel_current():
+            self.notify("cancelling…", timeout=2)
+
+    def action_toggle_theme(self) -> None:
+        self.theme = "auditui-light" if self.theme == "auditui-dark" else "auditui-dark"
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, Help):
+            return
+        rows = [(binding.key_display or key, binding.description or binding.action)
+                for key, (_node, binding, _enabled, _tip) in self.screen.active_bindings.items()]
+        self.push_screen(Help(rows, getattr(self.screen, "HELP", "")))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Toggle light/dark theme", "Switch between the auditui themes", self.action_toggle_theme)
+        yield SystemCommand("Cancel the running job", "Same as Escape", self.action_cancel_job)
+        yield SystemCommand("Keys", "Show the keys of this screen (F1)", self.action_help)
+
+    def on_unmount(self) -> None:
+        self.jobs.shutdown()
 
 
 def run_app(settings: Settings) -> None:

@@ -1,0 +1,226 @@
+"""Batched, seeded sampling of completions; every completion is reproducible from its own seed.
+
+Completion i of a call gets seed `seed + i`. Sampling is Gumbel-max on top of transformers' greedy,
+KV-cached `generate`: transformers' temperature and top-p warpers shape the logits, then
+`GumbelNoise` adds noise -log(E), E ~ Exp(1), drawn from a torch.Generator seeded with that row's
+seed, and greedy decoding takes the argmax, which is an exact sample of the tempered, top-p
+truncated softmax. A row's noise depends only on its seed and step, so a completion is the same
+whatever batch it was sampled in (up to float differences between batched and single-row matmuls,
+which can flip a token only on a near-tie). All N completions share one prompt, so rows need no
+padding. Temperature 0 is greedy decoding.
+
+Progress is counted in token steps: `on_progress(done, total)` with total = n * max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                          StoppingCriteriaList, TemperatureLogitsWarper, TopPLogitsWarper)
+
+from auditui.engine.model import LoadedModel
+from auditui.engine.sites import Edit, Site, SiteHooks
+from auditui.errors import AuditError
+
+MAX_SEED = 2**62
+Progress = Callable[[int, int], None]
+ShouldStop = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    chat: bool | None = None  # None: use the chat template when the model has one
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # also rejects NaN
+            raise AuditError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise AuditError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise AuditError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Sample:
+    text: str
+    token_ids: list[int]  # generated tokens, without the final EOS
+    seed: int
+    finish_reason: str  # "eos" | "length" | "cancelled"
+
+
+class GumbelNoise(LogitsProcessor):
+    """Adds Gumbel noise from one generator per row: argmax(scores + noise) samples softmax(scores)."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:  # scores [batch, vocab]
+        exp = torch.stack([torch.empty(scores.shape[-1], device=scores.device, dtype=torch.float32)
+                           .exponential_(generator=gen) for gen in self.generators])  # [batch, vocab]
+        return scores - exp.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def sampling_processors(params: SamplingParams, seeds: list[int], device: torch.device) -> LogitsProcessorList:
+    """Temperature, top-p and per-row Gumbel noise; empty for temperature 0 (greedy)."""
+    if params.temperature == 0:
+        return LogitsProcessorList()
+    warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(params.temperature)]
+    if params.top_p < 1:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    return LogitsProcessorList([*warpers, GumbelNoise(seeds, device)])
+
+
+class _Monitor(StoppingCriteria):
+    """Called once per generated token: reports progress and stops every row when asked to."""
+
+    def __init__(self, base: int, rows: int, total: int, on_progress: Progress | None,
+                 should_stop: ShouldStop | None):
+        self.base, self.rows, self.total, self.steps = base, rows, total, 0
+        self.on_progress, self.should_stop = on_progress, should_stop
+
+    def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs: object) -> Tensor:
+        self.steps += 1
+        if self.on_progress:
+            self.on_progress(self.base + self.steps * self.rows, self.total)
+        stop = bool(self.should_stop and self.should_stop())
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def eos_ids(lm: LoadedModel) -> list[int]:
+    """End-of-sequence ids of the tokenizer and of the model's generation config."""
+    ids = {lm.tokenizer.eos_token_id}
+    configured = lm.model.generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def use_chat(lm: LoadedModel, params: SamplingParams) -> bool:
+    """Whether the prompt goes through the chat template (params.chat None: when the model has one)."""
+    chat = lm.has_chat_template if params.chat is None else params.chat
+    if params.system and not chat:
+        raise AuditError("a system prompt needs the chat template (drop --raw or the system prompt)")
+    return chat
+
+
+def check_counts(n: int, seed: int, batch_size: int) -> None:
+    if n < 1 or batch_size < 1:
+        raise AuditError(f"the number of samples and the batch size must be >= 1 (got {n}, {batch_size})")
+    if not 0 <= seed <= MAX_SEED:
+        raise AuditError(f"the seed must be in 0..{MAX_SEED}, got {seed}")
+
+
+def check_request(lm: LoadedModel, prompt_ids: list[int], n: int, params: SamplingParams, seed: int,
+                  batch_size: int) -> None:
+    """Clear errors for requests that cannot be sampled, before any work is done."""
+    check_counts(n, seed, batch_size)
+    if not prompt_ids:
+        raise AuditError("the prompt is empty")
+    context = lm.max_positions
+    if params.max_new_tokens >= context:
+        raise AuditError(f"max new tokens ({params.max_new_tokens}) must be below the model's context "
+                         f"of {context} tokens")
+    if len(prompt_ids) > context - params.max_new_tokens:
+        raise AuditError(f"the prompt has {len(prompt_ids)} tokens; with {params.max_new_tokens} new tokens "
+                         f"at most {context - params.max_new_tokens} fit in the model's context of {context}")
+
+
+def _finish(row: list[int], eos: set[int], max_new_tokens: int) -> tuple[list[int], str]:
+    """Cut a generated row at its first EOS; say why it ended."""
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[:i], "eos"
+    return row, "length" if len(row) >= max_new_tokens else "cancelled"
+
+
+def _generate_batch(lm: LoadedModel, prompt_ids: list[int], seeds: list[int], params: SamplingParams,
+                    monitor: _Monitor, edits: Mapping[Site, Edit | list[Edit]] | None) -> list[Sample]:
+    eos = eos_ids(lm)
+    input_ids = torch.tensor([prompt_ids] * len(seeds), device=lm.device)  # [batch, prompt_len]
+    # Greedy search (its warpers are off) with the processors that apply even then pinned to neutral,
+    # so the model's own generation defaults (repetition penalty ...) never change what is sampled.
+    config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=1,
+                              repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0, min_new_tokens=0,
+                              use_cache=True, eos_token_id=eos, pad_token_id=lm.tokenizer.pad_token_id)
+    with SiteHooks(lm.model, edits=edits) if edits else nullcontext():
+        out = lm.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+                                logits_processor=sampling_processors(params, seeds, lm.device),
+                                stopping_criteria=StoppingCriteriaList([monitor]))  # [batch, prompt_len + new]
+    samples = []
+    for row, seed in zip(out[:, len(prompt_ids):].tolist(), seeds):
+        tokens, reason = _finish(row, set(eos), params.max_new_tokens)
+        samples.append(Sample(text=lm.tokenizer.decode(tokens), token_ids=tokens, seed=seed, finish_reason=reason))
+    return samples
+
+
+def iter_sample_batches(lm: LoadedModel, prompt_ids: list[int], n: int, params: SamplingParams, seed: int,
+                        batch_size: int = 8, on_progress: Progress | None = None,
+                        should_stop: ShouldStop | None = None,
+                        edits: Mapping[Site, Edit | list[Edit]] | None = None) -> Iterator[list[Sample]]:
+    """Yield the completions batch by batch (seeds seed .. seed+n-1); stop early when asked to.
+
+    A batch interrupted by `should_stop` is yielded with finish_reason "cancelled" on its unfinished rows.
+    """
+    check_request(lm, prompt_ids, n, params, seed, batch_size)
+    total = n * params.max_new_tokens
+    for start in range(0, n, batch_size):
+        if should_stop and should_stop():
+            return
+        seeds = [seed + i for i in range(start, min(n, start + batch_size))]
+        monitor = _Monitor(start * params.max_new_tokens, len(seeds), total, on_progress, should_stop)
+        batch = _generate_batch(lm, prompt_ids, seeds, params, monitor, edits)
+        yield batch
+        if any(sample.finish_reason == "cancelled" for sample in batch):
+            return
+        if on_progress:
+            on_progress((start + len(seeds)) * params.max_new_tokens, total)
+
+
+def sample_completions(lm: LoadedModel, prompt_ids: list[int], n: int, params: SamplingParams, seed: int,
+                       batch_size: int = 8, on_progress: Progress | None = None,
+                       should_stop: ShouldStop | None = None,
+                       edits: Mapping[Site, Edit | list[Edit]] | None = None) -> list[Sample]:
+    """N completions of `prompt_ids`, sampled `batch_size` at a time; completion i has seed `seed + i`."""
+    return [sample for batch in iter_sample_batches(lm, prompt_ids, n, params, seed, batch_size, on_progress,
+                                                    should_stop, edits) for sample in batch]
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+def sample_into_session(store, lm: LoadedModel, session_id: int, prompt: str, n: int,  # type: ignore[no-untyped-def]
+                        params: SamplingParams, seed: int | None = None, batch_size: int = 8,
+                        on_progress: Progress | None = None, should_stop: ShouldStop | None = None,
+                        pack_id: str = "") -> tuple[int, list[int]]:
+    """Store the prompt, then commit each batch's completions as soon as it finishes.
+
+    Returns (prompt_id, completion ids). Cancelled (unfinished) completions are not stored.
+    """
+    if not prompt.strip():
+        raise AuditError("type a prompt first")
+    chat = use_chat(lm, params)
+    prompt_ids = lm.prompt_ids(prompt, chat=chat, system=params.system)
+    seed = random_seed() if seed is None else seed
+    check_request(lm, prompt_ids, n, params, seed, batch_size)  # before the prompt is stored
+    if not store.session(session_id)["model_id"]:
+        store.touch_session(session_id, model_id=lm.model_id, pack_id=pack_id)
+    prompt_id = store.add_prompt(session_id, prompt, prompt_ids, system=params.system, chat=chat)
+    stored = {**asdict(params), "chat": chat}
+    completion_ids = []
+    for batch in iter_sample_batches(lm, prompt_ids, n, params, seed, batch_size, on_progress, should_stop):
+        for sample in batch:
+            if sample.finish_reason != "cancelled":
+                completion_ids.append(store.add_completion(
+                    prompt_id, sample.text, sample.token_ids, sample.seed, stored, model_id=lm.model_id,
+                    pack_id=pack_id, finish_reason=sample.finish_reason))
+    return prompt_id, completion_ids

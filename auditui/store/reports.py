@@ -1,0 +1,184 @@
+"""Export a session as Markdown, HTML or JSON: prompts, completions, labels, pairs, features and runs.
+
+Runs are rendered generically from their `summary` ({"headline", "table": {"columns", "rows"},
+"notes"}), params and status, so every later step appears without code here. The document is
+first built as a list of blocks; the HTML writer escapes every piece of text it emits, and the
+Markdown writer puts model text in code fences long enough to keep it literal.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from datetime import datetime
+from typing import Any
+
+from auditui.errors import AuditError
+from auditui.store.database import Store
+
+FORMATS = ("md", "html", "json")
+
+# A block is ("h", level, text) | ("p", text) | ("pre", text) | ("table", columns, rows) | ("ul", items).
+Block = tuple
+
+
+def session_data(store: Store, session_id: int) -> dict:
+    """Everything a report shows, as plain JSON-ready data (run results stay in the database)."""
+    completions = store.completions(session_id)
+    prompts = [{**prompt, "completions": [c for c in completions if c["prompt_id"] == prompt["id"]]}
+               for prompt in store.prompts(session_id)]
+    runs = [{key: value for key, value in run.items() if key != "result"} for run in store.runs(session_id)]
+    return {"session": store.session(session_id), "prompts": prompts, "pairs": store.pairs(session_id),
+            "features": store.features(session_id), "runs": runs}
+
+
+def _when(stamp: float | None) -> str:
+    return datetime.fromtimestamp(stamp).isoformat(timespec="seconds") if stamp else "-"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    return "" if value is None else str(value)
+
+
+def _ids(ids: list[int]) -> str:
+    return ", ".join(f"#{i}" for i in ids) or "-"
+
+
+def _session_blocks(data: dict) -> list[Block]:
+    s = data["session"]
+    return [("h", 1, f"Session {s['id']}: {s['name']}"),
+            ("ul", [f"created {_when(s['created'])}, updated {_when(s['updated'])}",
+                    f"model: {s['model_id'] or '-'}; SAE pack: {s['pack_id'] or '-'}",
+                    f"{len(data['prompts'])} prompts, {sum(len(p['completions']) for p in data['prompts'])} "
+                    f"completions, {len(data['pairs'])} pairs, {len(data['runs'])} runs"]
+             + ([f"notes: {s['notes']}"] if s["notes"] else []))]
+
+
+def _prompt_blocks(prompt: dict) -> list[Block]:
+    blocks: list[Block] = [("h", 2, f"Prompt {prompt['id']}"),
+                           ("p", f"{'chat template' if prompt['chat'] else 'raw text'}, "
+                                 f"{len(prompt['prompt_ids'] or [])} tokens, {_when(prompt['created'])}")]
+    if prompt["system"]:
+        blocks += [("p", "System prompt:"), ("pre", prompt["system"])]
+    blocks.append(("pre", prompt["text"]))
+    for c in prompt["completions"]:
+        params = c["params"] or {}
+        blocks += [("h", 3, f"Completion {c['id']}: {c['label']}"),
+                   ("p", f"seed {c['seed']}, finish {c['finish_reason'] or '-'}, {len(c['token_ids'] or [])} "
+                         f"tokens, temperature {params.get('temperature', '-')}, top-p {params.get('top_p', '-')}, "
+                         f"model {c['model_id'] or '-'}" + (f", labelled by {c['labeller']}" if c["labeller"] else "")),
+                   ("pre", c["text"])]
+    return blocks
+
+
+def _run_blocks(run: dict) -> list[Block]:
+    summary = run["summary"] if isinstance(run["summary"], dict) else {}
+    blocks: list[Block] = [("h", 2, f"Run {run['id']}: {run['kind']} ({run['status']})"),
+                           ("p", f"started {_when(run['created'])}, finished {_when(run['finished'])}")]
+    if summary.get("headline"):
+        blocks.append(("p", str(summary["headline"])))
+    if run["error"]:
+        blocks.append(("p", f"error: {run['error']}"))
+    table = summary.get("table")
+    if isinstance(table, dict) and table.get("columns"):
+        blocks.append(("table", [_cell(c) for c in table["columns"]],
+                       [[_cell(v) for v in row] for row in table.get("rows", [])]))
+    if summary.get("notes"):
+        blocks.append(("ul", [_cell(note) for note in summary["notes"]]))
+    if run["params"]:
+        blocks += [("p", "Parameters:"), ("pre", json.dumps(run["params"], indent=2, default=str))]
+    return blocks
+
+
+def report_blocks(data: dict) -> list[Block]:
+    blocks = _session_blocks(data)
+    for prompt in data["prompts"]:
+        blocks += _prompt_blocks(prompt)
+    if data["pairs"]:
+        blocks += [("h", 2, "Pairs"),
+                   ("table", ["prompt", "positive", "negative"],
+                    [[f"#{p['prompt_id']}", _ids(p["positive"]), _ids(p["negative"])] for p in data["pairs"]])]
+    if data["features"]:
+        blocks += [("h", 2, "Chosen features"),
+                   ("table", ["site", "latent", "source", "note"],
+                    [[f["site"], str(f["latent"]), f["source"] or "", f["note"] or ""] for f in data["features"]])]
+    for run in data["runs"]:
+        blocks += _run_blocks(run)
+    return blocks
+
+
+# -- Markdown -----------------------------------------------------------------------------------
+def _fence(text: str) -> str:
+    """A code fence longer than any backtick run inside `text`, so the text stays literal."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return f"{ticks}text\n{text}\n{ticks}"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    parts = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            parts.append("#" * block[1] + " " + block[2].replace("\n", " "))
+        elif kind == "p":
+            parts.append(block[1])
+        elif kind == "pre":
+            parts.append(_fence(block[1]))
+        elif kind == "ul":
+            parts.append("\n".join(f"- {item}" for item in block[1]))
+        else:
+            columns, rows = block[1], block[2]
+            lines = ["| " + " | ".join(map(_md_cell, columns)) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in rows]
+            parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+# -- HTML ---------------------------------------------------------------------------------------
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.4}
+pre{white-space:pre-wrap;background:#f4f4f4;padding:.6rem;border-radius:4px}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:left}"""
+
+
+def to_html(blocks: list[Block], title: str) -> str:
+    esc = html.escape
+    parts = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            parts.append(f"<h{block[1]}>{esc(block[2])}</h{block[1]}>")
+        elif kind == "p":
+            parts.append(f"<p>{esc(block[1])}</p>")
+        elif kind == "pre":
+            parts.append(f"<pre>{esc(block[1])}</pre>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in block[1]) + "</ul>")
+        else:
+            head = "".join(f"<th>{esc(c)}</th>" for c in block[1])
+            body = "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in block[2])
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def render_report(store: Store, session_id: int, fmt: str) -> str:
+    """The session's report as Markdown (md), a standalone HTML page (html) or JSON (json)."""
+    if fmt not in FORMATS:
+        raise AuditError(f"unknown report format {fmt!r}; use one of {', '.join(FORMATS)}")
+    data = session_data(store, session_id)
+    if fmt == "json":
+        return json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+    blocks = report_blocks(data)
+    if fmt == "md":
+        return to_markdown(blocks)
+    return to_html(blocks, f"auditui session {data['session']['id']}: {data['session']['name']}")

@@ -1,0 +1,240 @@
+"""Flow: trace a residual feature across layers (seed 001) and walk its graph layer by layer.
+
+One row per residual node of the graph (ascending layers); the pane below shows the current node's
+s^(R), s^(M), s^(A), class, logit-lens tokens and its MLP/attention predecessors. Enter re-roots the
+graph on the current node, `d` switches backward/forward/both, `x` runs the deactivation test on it,
+`s` adds it to the session's steering set, `e` exports DOT and Mermaid next to the database.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from auditui.errors import AuditError
+from auditui.tui.screens.dialogs import AskForm
+from auditui.tui.widgets.params import ParamRow, parse_number
+from auditui.tui.guard import guarded
+from auditui.tui.widgets.status import StatusBar
+
+DIRECTIONS = ("both", "backward", "forward")
+
+
+def score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def tokens(label: list[str] | None, n: int = 4) -> str:
+    return " ".join(repr(tok)[1:-1] for tok in (label or [])[:n])
+
+
+class FlowScreen(Screen):
+    HELP = ("Rows are the residual nodes of the flow graph, layer by layer. s^R/s^M/s^A: best decoder "
+            "cosine with the previous residual, the MLP-out and the attention-out SAEs. The graph is cut "
+            "where s^R < t_R; module predecessors below t_M are dropped. Every graph is saved as a run.")
+    BINDINGS = [
+        Binding("enter", "reroot", "Re-root", show=False),
+        Binding("ctrl+r", "build", "Build"),
+        Binding("d", "direction", "Direction"),
+        Binding("x", "deactivate", "Deactivate"),
+        Binding("s", "steer", "Steer set +"),
+        Binding("e", "export", "Export"),
+        Binding("b", "app.pop_screen", "Back"),
+    ]
+
+    def __init__(self, session_id: int, feature: str = ""):
+        super().__init__()
+        self.session_id, self.feature = session_id, feature
+        self.graph: dict | None = None
+        self.rows: list[dict] = []
+
+    @property
+    def store(self):  # type: ignore[no-untyped-def]
+        return self.app.store  # type: ignore[attr-defined]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield ParamRow([("feature", self.feature, 20), ("k", "1", 2), ("dir", "both", 8), ("t_R", "0.5", 4),
+                        ("t_M", "0.15", 4)])
+        yield DataTable(cursor_type="row", id="layers")
+        with VerticalScroll(id="detail-box"):
+            yield Static(id="detail")
+        yield StatusBar()
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.title = "flow"
+        self.query_one("#layers", DataTable).add_columns("layer", "feature", "class", "s^R", "s^M", "s^A", "tokens")
+        if self.feature:
+            self.action_build()
+        else:
+            self.query_one("#param-feature").focus()
+
+    # -- building ------------------------------------------------------------------------------
+    def request(self) -> dict:
+        value = self.query_one(ParamRow).values()
+        if not value["feature"]:
+            raise AuditError("type a feature as LAYER/KIND/INDEX, e.g. 12/resid_post/1234")
+        if value["dir"] not in DIRECTIONS:
+            raise AuditError(f"dir must be one of {', '.join(DIRECTIONS)}")
+        return {"feature": value["feature"], "k": int(parse_number(value["k"], int, "k", 1, 16)),
+                "direction": value["dir"], "cut": float(parse_number(value["t_R"], float, "t_R", -1, 1)),
+                "module": float(parse_number(value["t_M"], float, "t_M", -1, 1))}
+
+    def on_input_submitted(self) -> None:
+        self.action_build()
+
+    @guarded
+    def action_build(self) -> None:
+        try:
+            req = self.request()
+        except AuditError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+            return
+        app, session_id = self.app, self.session_id
+
+        def job(ctx):  # type: ignore[no-untyped-def]
+            from auditui.engine.flow import Thresholds, build_flow_graph, layer_rows, store_flow_graph
+
+            graph = build_flow_graph(app.engine(ctx), req["feature"], k=req["k"], direction=req["direction"],  # type: ignore[attr-defined]
+                                     thresholds=Thresholds(cut=req["cut"], module=req["module"]))
+            store_flow_graph(app.store, session_id, graph)  # type: ignore[attr-defined]
+            return graph.to_dict(), layer_rows(graph)
+
+        self.app.submit(f"flow {req['feature']}", job, on_done=self.show_graph)  # type: ignore[attr-defined]
+
+    def show_graph(self, result: tuple[dict, list[dict]]) -> None:
+        self.graph, layers = result
+        self.rows = [node for layer in layers for node in layer["residual"]]
+        table = self.query_one("#layers", DataTable)
+        table.clear()
+        for node in self.rows:
+            scores = node.get("scores") or {}
+            table.add_row(str(node["layer"]), node["id"], node.get("class") or "-", score(scores.get("R")),
+                          score(scores.get("M")), score(scores.get("A")), Text(tokens(node.get("label"))),
+                          key=node["id"])
+        root = self.graph["root"]
+        self.title = f"flow · {root} · {len(self.rows)} residual nodes"
+        if root in table.rows:
+            table.move_cursor(row=table.get_row_index(root))
+        table.focus()
+
+    def current(self) -> dict | None:
+        table = self.query_one("#layers", DataTable)
+        if not self.rows or table.row_count == 0:
+            return None
+        return self.rows[table.cursor_row]
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        node = self.current()
+        if node is not None:
+            self.query_one("#detail", Static).update(node_detail(node))
+
+    # -- actions -------------------------------------------------------------------------------
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_reroot()
+
+    def action_reroot(self) -> None:
+        node = self.current()
+        if node is not None:
+            self.query_one("#param-feature").value = node["id"]
+            self.action_build()
+
+    def action_direction(self) -> None:
+        field = self.query_one("#param-dir")
+        field.value = DIRECTIONS[(DIRECTIONS.index(field.value) + 1) % 3] if field.value in DIRECTIONS else "both"
+        self.action_build()
+
+    @guarded
+    def action_steer(self) -> None:
+        node = self.current()
+        if node is not None:
+            self.store.add_feature(self.session_id, node["site"], node["latent"], source="flow")
+            self.notify(f"{node['id']} added to the steering set", timeout=3)
+
+    @guarded
+    def action_export(self) -> None:
+        if self.graph is None:
+            return
+        from auditui.engine.flow import FlowGraph, to_dot, to_mermaid
+
+        graph = FlowGraph.from_dict(self.graph)
+        stem = self.store.path.with_name(f"{self.store.path.stem}-flow-{self.graph['root'].replace('/', '-')}")
+        try:
+            stem.with_suffix(".dot").write_text(to_dot(graph))
+            stem.with_suffix(".mmd").write_text(to_mermaid(graph))
+        except OSError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+            return
+        self.notify(f"wrote {stem.name}.dot and .mmd", markup=False)
+
+    @guarded
+    def action_deactivate(self) -> None:
+        node = self.current()
+        if node is None:
+            return
+        comps = self.store.completions(self.session_id)
+        default = comps[-1]["text"] if comps else ""
+        fields = [("text", default), ("token (negative counts from the end)", "-1"), ("r", "0")]
+        self.app.push_screen(AskForm(f"Deactivation test of {node['id']}'s predecessors", fields),
+                             lambda answer: self._deactivate(node["id"], answer))
+
+    @guarded
+    def _deactivate(self, feature: str, answer: dict[str, str] | None) -> None:
+        if not answer:
+            return
+        try:
+            values = list(answer.values())
+            text, token = values[0], int(parse_number(values[1], int, "token", -10**6, 10**6))
+            r = float(parse_number(values[2], float, "r", -100, 100))
+        except AuditError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+            return
+        app, session_id = self.app, self.session_id
+
+        def job(ctx):  # type: ignore[no-untyped-def]
+            from auditui.engine.deactivation import deactivation_summary, deactivation_test
+            from auditui.engine.flow import store_run, text_ids
+
+            engine = app.engine(ctx)  # type: ignore[attr-defined]
+            result = deactivation_test(engine, feature, text_ids(engine.lm, text), token, r=r)
+            summary = deactivation_summary(result)
+            store_run(app.store, session_id, "deactivation",  # type: ignore[attr-defined]
+                      {"feature": feature, "token": token, "r": r, "text": text}, result, summary)
+            return summary
+
+        self.app.submit(f"deactivate {feature}", job, on_done=self.show_summary)  # type: ignore[attr-defined]
+
+    def show_summary(self, summary: dict) -> None:
+        self.query_one("#detail", Static).update(summary_text(summary))
+
+
+def node_detail(node: dict) -> Text:
+    scores = node.get("scores") or {}
+    text = Text(f"{node['id']}  ", style="bold")
+    text.append(f"class {node.get('class') or '-'} · s^R {score(scores.get('R'))} · "
+                f"s^M {score(scores.get('M'))} · s^A {score(scores.get('A'))}\n")
+    text.append(f"tokens: {tokens(node.get('label'), 8)}\n")
+    for name, key in (("from RES", "from"), ("MLP", "mlp"), ("ATT", "attn"), ("to", "to")):
+        for link in node.get(key, []):
+            text.append(f"  {name:<8} {link['id']}  {link['score']:.2f}  {tokens(link.get('label'))}\n")
+    for note in node.get("notes", []):
+        text.append(f"  note: {note}\n", style="dim")
+    return text
+
+
+def summary_text(summary: dict) -> Text:
+    """A run summary (headline / table / notes) as plain text."""
+    text = Text(summary.get("headline", "") + "\n", style="bold")
+    table = summary.get("table") or {}
+    if table:
+        text.append("  ".join(table["columns"]) + "\n", style="dim")
+        for row in table["rows"]:
+            text.append("  ".join(str(cell) for cell in row) + "\n")
+    for note in summary.get("notes", []):
+        text.append(f"{note}\n", style="dim")
+    return text

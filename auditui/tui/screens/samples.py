@@ -1,0 +1,199 @@
+"""Prompt & Samples: type a prompt, sample N completions, label them (+ / - / 0), watch pairs form."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Input, Label, Static
+
+from auditui.errors import AuditError
+from auditui.tui.widgets.params import ParamRow, parse_number
+from auditui.tui.guard import guarded
+from auditui.tui.widgets.status import StatusBar
+
+LABEL_MARK = {"positive": "+", "negative": "-", "unlabelled": "·"}
+
+
+def one_line(text: str, width: int = 200) -> Text:
+    flat = " ".join(text.split())
+    return Text(flat[:width] + ("…" if len(flat) > width else ""))
+
+
+class SamplesScreen(Screen):
+    HELP = ("Enter in the prompt samples N completions (batched, seeded). In the completions table: "
+            "+ positive (shows the behaviour), - negative, 0 unlabelled. A prompt with both labels is a pair.")
+    BINDINGS = [
+        Binding("ctrl+s", "sample", "Sample"),
+        Binding("plus,equals_sign", "label('positive')", "+ pos", key_display="+"),
+        Binding("minus", "label('negative')", "- neg", key_display="-"),
+        Binding("0", "label('unlabelled')", "0 none", key_display="0"),
+        Binding("f", "flow", "Flow"),
+        Binding("e", "export", "Export"),
+        Binding("b", "app.pop_screen", "Sessions"),
+    ]
+
+    def __init__(self, session_id: int):
+        super().__init__()
+        self.session_id = session_id
+        self.prompt_id: int | None = None
+
+    @property
+    def store(self):  # type: ignore[no-untyped-def]
+        return self.app.store  # type: ignore[attr-defined]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="prompt-row"):
+            yield Label(" prompt › ")
+            yield Input(placeholder="type a prompt, Enter samples N completions", id="prompt")
+        with Horizontal(id="params"):
+            yield ParamRow([("n", "8", 4), ("temp", "1.0", 4), ("top-p", "0.95", 4), ("max", "64", 4),
+                            ("seed", "", 8)])
+            yield Static(id="pairs")
+        with Horizontal(id="main"):
+            yield DataTable(cursor_type="row", id="prompts")
+            with Vertical(id="right"):
+                yield DataTable(cursor_type="row", id="completions")
+                with VerticalScroll(id="detail-box"):
+                    yield Static(id="detail")
+        yield StatusBar()
+        yield Footer()
+
+    @guarded
+    def on_mount(self) -> None:
+        self.title = self.store.session(self.session_id)["name"]
+        prompts = self.query_one("#prompts", DataTable)
+        prompts.add_column("id")
+        prompts.add_column("prompt", width=17)
+        prompts.add_column("+/-")
+        self.query_one("#completions", DataTable).add_columns("id", "", "completion")
+        self.refresh_prompts()
+        self.query_one("#prompt", Input).focus()
+
+    # -- rendering -----------------------------------------------------------------------------
+    @guarded
+    def refresh_prompts(self, select: int | None = None) -> None:
+        table = self.query_one("#prompts", DataTable)
+        table.clear()
+        prompts = self.store.prompts(self.session_id)
+        comps = self.store.completions(self.session_id)
+        for prompt in prompts:
+            mine = [c["label"] for c in comps if c["prompt_id"] == prompt["id"]]
+            counts = f"{mine.count('positive')}/{mine.count('negative')}"
+            table.add_row(str(prompt["id"]), one_line(prompt["text"], 16), counts, key=str(prompt["id"]))
+        pairs = self.store.pairs(self.session_id)
+        self.query_one("#pairs", Static).update(Text(f"  pairs: {len(pairs)}"))
+        if prompts:
+            target = select if select is not None else (self.prompt_id or prompts[-1]["id"])
+            if str(target) in table.rows:
+                table.move_cursor(row=table.get_row_index(str(target)))
+            self.show_prompt(target)
+
+    @guarded
+    def show_prompt(self, prompt_id: int) -> None:
+        self.prompt_id = prompt_id
+        table = self.query_one("#completions", DataTable)
+        row = table.cursor_row
+        table.clear()
+        for comp in self.store.completions(prompt_id=prompt_id):
+            table.add_row(str(comp["id"]), self._mark(comp["label"]), one_line(comp["text"]), key=str(comp["id"]))
+        if table.row_count:
+            table.move_cursor(row=min(row, table.row_count - 1))
+            self.show_completion(self.selected_completion())
+        else:
+            self.query_one("#detail", Static).update(Text(self.store.prompt(prompt_id)["text"]))
+
+    @staticmethod
+    def _mark(label: str) -> Text:
+        return Text(LABEL_MARK[label], style={"positive": "bold green", "negative": "bold red"}.get(label, "dim"))
+
+    def selected_completion(self) -> int | None:
+        table = self.query_one("#completions", DataTable)
+        if table.row_count == 0:
+            return None
+        return int(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+
+    @guarded
+    def show_completion(self, completion_id: int | None) -> None:
+        if completion_id is None:
+            return
+        comp = self.store.completion(completion_id)
+        header = f"#{comp['id']} · {comp['label']} · seed {comp['seed']} · {comp['finish_reason']}\n"
+        self.query_one("#detail", Static).update(Text(header, style="dim") + Text(comp["text"]))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key.value is None:
+            return
+        if event.data_table.id == "prompts":
+            if int(event.row_key.value) != self.prompt_id:
+                self.show_prompt(int(event.row_key.value))
+        else:
+            self.show_completion(int(event.row_key.value))
+
+    # -- actions -------------------------------------------------------------------------------
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.action_sample()
+
+    def sampling_request(self) -> tuple[str, int, object, int | None]:
+        from auditui.engine.sampling import SamplingParams
+
+        prompt = self.query_one("#prompt", Input).value.strip()
+        if not prompt:
+            raise AuditError("type a prompt first")
+        value = self.query_one(ParamRow).values()
+        n = int(parse_number(value["n"], int, "n", 1, 1024))
+        params = SamplingParams(temperature=float(parse_number(value["temp"], float, "temperature", 0, 10)),
+                                top_p=float(parse_number(value["top-p"], float, "top-p", 0.01, 1)),
+                                max_new_tokens=int(parse_number(value["max"], int, "max new tokens", 1, 4096)))
+        seed = int(parse_number(value["seed"], int, "seed", 0, 2**62)) if value["seed"] else None
+        return prompt, n, params, seed
+
+    @guarded
+    def action_sample(self) -> None:
+        try:
+            prompt, n, params, seed = self.sampling_request()
+        except AuditError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+            return
+        app = self.app
+        session_id = self.session_id
+
+        def job(ctx):  # type: ignore[no-untyped-def]
+            from auditui.engine.sampling import sample_into_session
+
+            engine = app.engine(ctx)  # type: ignore[attr-defined]
+            return sample_into_session(app.store, engine.lm, session_id, prompt, n, params, seed=seed,  # type: ignore[attr-defined]
+                                       on_progress=lambda done, total: ctx.progress(done, total, f"{done}/{total} tokens"),
+                                       should_stop=ctx.should_stop, pack_id=engine.pack_id)
+
+        def done(result: tuple[int, list[int]]) -> None:
+            self.refresh_prompts(select=result[0])
+            self.query_one("#completions", DataTable).focus()
+            self.notify(f"{len(result[1])} completions sampled", timeout=3)
+
+        self.app.submit(f"sample {n}", job, on_done=done, on_error=lambda _e: self.refresh_prompts())  # type: ignore[attr-defined]
+
+    @guarded
+    def action_label(self, label: str) -> None:
+        completion_id = self.selected_completion()
+        if completion_id is None:
+            return
+        self.store.set_label(completion_id, label)
+        table = self.query_one("#completions", DataTable)
+        table.update_cell(str(completion_id), table.ordered_columns[1].key, self._mark(label))
+        row = table.cursor_row
+        self.refresh_prompts(select=self.prompt_id)
+        table.move_cursor(row=min(row + 1, table.row_count - 1))
+
+    def action_flow(self) -> None:
+        from auditui.tui.screens.flow import FlowScreen
+
+        self.app.push_screen(FlowScreen(self.session_id))
+
+    def action_export(self) -> None:
+        from auditui.tui.screens.sessions import export_reports
+
+        export_reports(self, self.session_id)
