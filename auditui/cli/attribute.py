@@ -1,3 +1,73 @@
-"""Headless commands (filled in by its issue)."""
+"""`auditui attribute`: Δ-attribution of SAE latents over the session's labelled pairs, stored as a run.
 
-from auditui.cli import app  # noqa: F401
+The completions come from the session database as stored token ids (prompt ids + completion ids;
+nothing is re-tokenized). `--json` prints {run_id, session_id, status, params, summary, result}
+with `result` as documented in `auditui.engine.attribution`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from auditui.cli import app
+from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SaeOpt, emit,
+                                progress_printer, sae_specs, settings_from)
+from auditui.cli.sessions import SessionOpt, open_store
+from auditui.errors import AuditError
+
+SiteOpt = Annotated[list[str] | None, typer.Option(
+    "--site", help="LAYER/KIND to attribute, repeatable (default: every site with an SAE)")]
+PositionsOpt = Annotated[str, typer.Option(
+    "--positions", help="token positions averaged: prompt (seed 003) | completion | all")]
+ReferenceOpt = Annotated[Path | None, typer.Option(
+    "--reference", help="text file for the reference mean ā (default: the session's own texts)")]
+
+
+def _print_run(data: dict) -> None:
+    console = Console(highlight=False)
+    summary = data["summary"] or {}
+    console.print(Text(f"run {data['run_id']} ({data['status']}): {summary.get('headline', '')}"))
+    if summary.get("table"):
+        table = Table(*summary["table"]["columns"], box=None)
+        for row in summary["table"]["rows"]:
+            table.add_row(*[Text(str(cell)) for cell in row])
+        console.print(table)
+    for note in summary.get("notes", []):
+        console.print(Text(f"note: {note}"))
+
+
+@app.command()
+def attribute(site: SiteOpt = None,
+              top: Annotated[int, typer.Option("--top", help="latents kept per site")] = 100,
+              check: Annotated[int, typer.Option("--check", help="exact ablation of the top N per site")] = 0,
+              positions: PositionsOpt = "prompt", reference: ReferenceOpt = None,
+              batch: Annotated[int, typer.Option("--batch", help="completions per forward/backward")] = 8,
+              session_id: SessionOpt = None, model: ModelOpt = None, pack: PackOpt = None, sae: SaeOpt = None,
+              device: DeviceOpt = None, dtype: DtypeOpt = None, db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Rank SAE latents by Δ-attribution (positive minus negative completions) with a Δ-activation baseline."""
+    from auditui.engine import open_engine
+    from auditui.engine.attribution import check_positions, pair_plan, run_attribution
+    from auditui.engine.sites import Site
+
+    settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
+    sites = [Site.parse(text) for text in site or []]
+    check_positions(positions)
+    if reference is not None and not reference.is_file():
+        raise AuditError(f"reference text file not found: {reference}")
+    say = progress_printer(as_json)
+    with open_store(db) as store:
+        sid = store.resolve_session(session_id)
+        pair_plan(store, sid, positions)  # refuse before loading the model
+        engine = open_engine(settings, sae_specs(settings, sae), progress=say)
+        run_id = run_attribution(engine, store, sid, sites or engine.bank.sites, top_k=top, positions=positions,
+                                 check=check, reference=reference, batch_size=batch,
+                                 on_progress=lambda done, total, message: say(f"{message} {done}/{total}"))
+        run = store.run(run_id)
+    emit({"run_id": run_id, "session_id": sid, "status": run["status"], "params": run["params"],
+          "summary": run["summary"], "result": run["result"]}, as_json, _print_run)

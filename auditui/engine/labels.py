@@ -1,8 +1,19 @@
-"""Human-readable handles for latents: logit-lens tokens of a decoder direction.
+"""Human-readable handles for latents: logit-lens tokens and top-activating snippets.
 
 The logit lens of a direction d is the set of tokens whose unembedding rows have the largest
 cosine with d after the final norm's elementwise gain (LayerNorm also centres d first), as in
-nostalgebraist (2020) and seed 003.
+nostalgebraist (2020) and seed 003. For attn_z SAEs pass `bank.output_decoder(site)` rows.
+
+`top_snippets(engine, store, session_id, site, latent, k=8)` reads the site over the session's
+own texts (stored token ids: each prompt once, each completion once; position 0, the attention
+sink, never counts), encodes with the site's SAE and returns the k texts where the latent is most
+active, best first, as dicts:
+    {"completion_id": int | None, "prompt_id": int, "max": float, "position": int (absolute
+     position of the maximum), "in_completion": bool, "start": int (absolute position of the
+     first shown token), "tokens": [str, ...], "activations": [float, ...] (one per token)}
+showing `before` tokens before the maximum and `after` after it. Texts where the latent never
+fires (activation <= 0) are left out. Cost: one forward up to the site's layer over the session's
+texts plus one SAE encode (a worker thread, not the UI thread).
 """
 
 from __future__ import annotations
@@ -12,10 +23,21 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from auditui.engine.reference import TokenSeq, counted_mask, encode_rows, read_sites, session_sequences
+from auditui.engine.sites import Site
+
 if TYPE_CHECKING:
+    from auditui.engine import Engine
     from auditui.engine.model import LoadedModel
+    from auditui.store.database import Store
 
 _UNEMBED_CACHE: dict[int, Tensor] = {}
+
+
+def token_strings(lm: LoadedModel, ids: list[int]) -> list[str]:
+    """Each token id as the text it stands for (byte-level marks decoded)."""
+    tokenizer = lm.tokenizer
+    return [tokenizer.convert_tokens_to_string([tok]) for tok in tokenizer.convert_ids_to_tokens(list(ids))]
 
 
 def final_norm_gain(lm: LoadedModel) -> Tensor:
@@ -51,8 +73,7 @@ def logit_lens(lm: LoadedModel, directions: Tensor, k: int = 8, chunk: int = 256
         block = block / block.norm(dim=1, keepdim=True).clamp_min(1e-12)
         values, indices = (block @ w_u.T).topk(k, dim=1)  # [c, k]
         for vals, idx in zip(values.tolist(), indices.tolist(), strict=True):
-            out.append([(lm.tokenizer.convert_tokens_to_string([lm.tokenizer.convert_ids_to_tokens(i)]), v)
-                        for i, v in zip(idx, vals, strict=True)])
+            out.append(list(zip(token_strings(lm, idx), vals, strict=True)))
     return out
 
 
@@ -60,3 +81,29 @@ def logit_lens(lm: LoadedModel, directions: Tensor, k: int = 8, chunk: int = 256
 def logit_lens_tokens(lm: LoadedModel, directions: Tensor, k: int = 8) -> list[list[str]]:
     """Only the token strings of `logit_lens`."""
     return [[tok for tok, _ in row] for row in logit_lens(lm, directions, k)]
+
+
+def top_snippets(engine: Engine, store: Store, session_id: int, site: Site, latent: int, k: int = 8,
+                 before: int = 24, after: int = 8, batch_size: int = 8) -> list[dict]:
+    """The k session texts where `latent` of `site` is most active (see module docstring)."""
+    lm, sae = engine.lm, engine.bank.sae(site)
+    latent_index = torch.tensor([latent], device=sae.W_dec.device)
+    found = []  # (max, position, seq, activations of the whole sequence)
+    for batch, ids, acts in read_sites(lm, session_sequences(store, session_id), [site], batch_size):
+        rows = acts[site].reshape(-1, acts[site].shape[-1])  # [B*T, width]
+        codes = encode_rows(sae, rows, latent_index)[:, 0].reshape(ids.shape)  # [B, T]
+        counted = counted_mask(batch, ids.shape[1], codes.device)
+        best, position = codes.masked_fill(~counted, float("-inf")).max(dim=1)  # [B]
+        for row, seq in enumerate(batch):
+            if best[row] > 0:
+                found.append((float(best[row]), int(position[row]), seq, codes[row, :len(seq)].tolist()))
+    found.sort(key=lambda item: -item[0])
+    return [_snippet(lm, *item, before=before, after=after) for item in found[:k]]
+
+
+def _snippet(lm: LoadedModel, best: float, position: int, seq: TokenSeq, values: list[float], before: int,
+             after: int) -> dict:
+    start, end = max(0, position - before), min(len(seq), position + after + 1)
+    return {"completion_id": seq.completion_id, "prompt_id": seq.prompt_id, "max": best, "position": position,
+            "in_completion": position >= seq.n_prompt, "start": start,
+            "tokens": token_strings(lm, list(seq.ids[start:end])), "activations": values[start:end]}

@@ -1,0 +1,524 @@
+"""Δ-attribution: rank SAE latents by what caused the positive completions (seed 003, Methods).
+
+Definitions (for one completion C of a prompt, at one site)
+    L        = sum over the completion tokens of their cross-entropy given everything before them
+               (nats; L = -log p(C | prompt)). Sum, not mean, everywhere in this module.
+    a_t      = the site activation at position t [width]; g_t = dL/da_t.
+    d_i      = unit decoder row i of the site's SAE (`bank.decoder`; for attn_z the projection is
+               taken in z space, where that SAE reads; `bank.output_decoder` only for logit lens).
+    ā        = reference mean of the site (`auditui.engine.reference`).
+    δ_{i,t}  = -(g_t·d_i)((a_t - ā)·d_i), first-order change of L when a_t·d_i <- ā·d_i.
+    attr_i   = mean of δ_{i,t} over the chosen positions P:
+               "prompt" (default, as in the seed): 1 <= t < n_prompt;
+               "completion": the completion tokens that precede a scored token, n_prompt <= t < len-1;
+               "all": 1 <= t < len-1.
+               Position 0 (the attention sink; excluded from ā too) is never used.
+    act_i    = mean SAE activation (`sae.encode` of a_t) over the same positions. Over prompt
+               positions Δ-act is ~0 by construction (a prompt's completions share its activations);
+               the run says so in its notes.
+    exact_i  = (L with a_t·d_i <- ā·d_i at every t in P, in one real forward - L) / |P|; to first
+               order exact_i = attr_i, so the two are comparable number for number.
+    Δ        = for each prompt with both labels: mean over its positive completions minus mean over
+               its negative ones; then the mean over prompts. The same weights serve attr, act and
+               exact, so Δ is linear in them and antisymmetric under swapping the labels.
+
+Cost: all latents of every requested site come from one forward and one backward pass per batch
+of completions (right-padded; the earliest needed site is made a grad leaf so the backward stops
+there), then two matmuls per site, (G·Dᵀ) and ((A - ā)·Dᵀ) over the chosen positions. The exact
+check costs one forward over all completions per latent.
+
+API
+    run_attribution(engine, store, session_id, sites, top_k=100, positions="prompt", check=0,
+                    reference=None, batch_size=8, on_progress=None, should_stop=None) -> run_id
+        check: exact ablation of the top `check` rows per site (at most top_k).
+        reference: None (the session's texts) or a text file path. on_progress(done, total, message)
+        is called per batch / latent; its message names the phase ("reference mean",
+        "attribution", "exact check 12/resid_post"). should_stop() -> True cancels: during the
+        attribution phase the run is marked "cancelled" (no result); during the exact check the run
+        keeps its attribution result and the latents checked so far.
+    check_latents(engine, store, run_id, [(site, latent), ...], ...) -> rows updated/added.
+        Exact ablation for any latents of the run's sites (latents outside the stored top-k are
+        appended as rows with their global rank); Spearman correlations and summary refreshed.
+    run_deltas(store, run_id) -> {"SITE|attr": [d_sae], "SITE|act": [d_sae]}: the full Δ vectors
+        (e.g. to look up or plot any latent, not only the stored top-k rows).
+    Lower level: pair_plan, attribute_batch, delta_scores, exact_deltas, spearman.
+    Call from a worker thread with that thread's Store; grad/inference modes are set inside.
+    Latent detail view: `auditui.engine.labels.top_snippets` and `logit_lens`.
+
+Stored run (kind "attribution")
+    params  {sites, top_k, positions, check, reference, batch_size, model_id, saes: {site: sha256}}
+    result  {loss: "sum", positions, n_prompts, n_completions, weights: {completion_id: w},
+             skipped: [completion ids without a chosen position],
+             reference: {source, runs: {site: reference_mean run id}, tokens: {site: n}},
+             sites: {site: {d_sae, top_k, overlap, act_top: [latents by Δ-act], n_checked, spearman}},
+             rows: [{site, latent, rank, delta_attr, delta_act, act_rank, logit_lens: [tokens],
+                     exact: float | None}, ...]  (per site, by rank; rank 1 = largest Δ-attr),
+             n_checked, spearman (over every checked row, all sites), notes: [...]}
+    summary {headline, table: {columns, rows} (top rows over all sites), notes}
+    blob    "deltas": safetensors {"SITE|attr": [d_sae], "SITE|act": [d_sae]} (full Δ vectors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import Tensor
+
+from auditui.engine.labels import logit_lens_tokens
+from auditui.engine.reference import (TokenSeq, batches, check_vocab, completion_sequence, encode_rows,
+                                      load_reference, pad_batch, reference_means, rows_per_chunk, span_mask)
+from auditui.engine.sites import Edit, Site, SiteHooks
+from auditui.errors import AuditError
+
+if TYPE_CHECKING:
+    from auditui.engine import Engine
+    from auditui.engine.model import LoadedModel
+    from auditui.engine.saes import SAEBank
+    from auditui.store.database import Store
+
+ATTRIBUTION_KIND = "attribution"
+POSITIONS = ("prompt", "completion", "all")
+LENS_TOKENS = 8
+SUMMARY_ROWS = 20
+NO_PAIRS = "no prompt has both a positive and a negative completion; label some"
+_ORDER = {"resid_pre": 0, "attn_z": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
+Progress = Callable[[int, int, str], None]
+StopCheck = Callable[[], bool]
+
+
+# -- positions and pairs -----------------------------------------------------------------------
+def check_positions(positions: str) -> str:
+    if positions not in POSITIONS:
+        raise AuditError(f"unknown positions {positions!r}; use {', '.join(POSITIONS)}")
+    return positions
+
+
+def position_span(seq: TokenSeq, positions: str) -> tuple[int, int]:
+    """[start, end) of the chosen positions of one sequence (see module docstring)."""
+    start = seq.n_prompt if positions == "completion" else 1
+    end = seq.n_prompt if positions == "prompt" else len(seq) - 1
+    return start, end
+
+
+def has_positions(seq: TokenSeq, positions: str) -> bool:
+    """Whether a sequence has a scored completion token and a chosen position."""
+    start, end = position_span(seq, positions)
+    return end > start and len(seq) > seq.n_prompt
+
+
+def position_mask(seqs: list[TokenSeq], positions: str, width: int, device: torch.device) -> Tensor:
+    """Bool [B, width]: the chosen positions of each sequence."""
+    return span_mask(seqs, [position_span(s, positions) for s in seqs], width, device)
+
+
+@dataclass
+class PairPlan:
+    """The completions of the labelled pairs and their weights in every Δ."""
+
+    seqs: list[TokenSeq]
+    weights: dict[int, float]  # completion id -> +1/(P·n_pos) or -1/(P·n_neg)
+    n_prompts: int
+    skipped: list[int] = field(default_factory=list)  # completion ids without a chosen position
+
+    def batch_weights(self, batch: list[TokenSeq], device: torch.device) -> Tensor:
+        """The weights [B] of a batch of the plan's sequences."""
+        return torch.tensor([self.weights[s.completion_id] for s in batch], device=device)
+
+
+def pair_weights(labelled: Iterable[tuple[TokenSeq, str]]) -> tuple[dict[int, float], int]:
+    """Weights of the completions of prompts that have both labels, and the number of such prompts."""
+    groups: dict[int, dict[str, list[int]]] = {}
+    for seq, label in labelled:
+        groups.setdefault(seq.prompt_id, {"positive": [], "negative": []})[label].append(seq.completion_id)
+    both = [g for g in groups.values() if g["positive"] and g["negative"]]
+    weights = {}
+    for group in both:
+        for label, sign in (("positive", 1.0), ("negative", -1.0)):
+            for cid in group[label]:
+                weights[cid] = sign / (len(both) * len(group[label]))
+    return weights, len(both)
+
+
+def _plan(labelled: list[tuple[TokenSeq, str]], positions: str) -> PairPlan:
+    usable = [(s, lab) for s, lab in labelled if has_positions(s, positions)]
+    weights, n_prompts = pair_weights(usable)
+    if not weights:
+        raise AuditError(NO_PAIRS if len(usable) == len(labelled) else
+                         f"no labelled pair has {positions} positions to attribute (empty or 1-token "
+                         "completions, 1-token prompts); try --positions all")
+    return PairPlan(seqs=[s for s, _ in usable if s.completion_id in weights], weights=weights,
+                    n_prompts=n_prompts, skipped=[s.completion_id for s, _ in labelled
+                                                  if s.completion_id not in weights])
+
+
+def pair_plan(store: Store, session_id: int, positions: str = "prompt") -> PairPlan:
+    """The session's labelled pairs; AuditError when no prompt has both labels."""
+    check_positions(positions)
+    labelled = []
+    for pair in store.pairs(session_id):
+        prompt = store.prompt(pair["prompt_id"])
+        for completion in store.completions_by_ids(pair["positive"] + pair["negative"]):
+            labelled.append((completion_sequence(prompt, completion), completion["label"]))
+    if not labelled:
+        raise AuditError(NO_PAIRS)
+    return _plan(labelled, positions)
+
+
+def stored_plan(store: Store, weights: dict[str, float]) -> PairPlan:
+    """The plan of an earlier run, from its stored completion weights."""
+    seqs = []
+    completions = store.completions_by_ids([int(cid) for cid in weights])
+    if len(completions) != len(weights):
+        raise AuditError("completions of this attribution run were deleted; run attribution again")
+    for completion in completions:
+        seqs.append(completion_sequence(store.prompt(completion["prompt_id"]), completion))
+    n_prompts = len({s.prompt_id for s in seqs})
+    return PairPlan(seqs=seqs, weights={int(k): float(v) for k, v in weights.items()}, n_prompts=n_prompts)
+
+
+# -- one forward + one backward ----------------------------------------------------------------
+def feeds(a: Site, b: Site, parallel: bool) -> bool:
+    """Is site b computed from site a (so a gradient reaching b flows from a grad leaf at a)?"""
+    if a == b or b.layer > a.layer:
+        return True
+    if b.layer < a.layer or _ORDER[b.kind] <= _ORDER[a.kind]:
+        return False
+    if b.kind == "mlp_out" and a.kind in ("attn_z", "attn_out"):
+        return not parallel
+    return True
+
+
+def grad_leaf(sites: list[Site], parallel: bool) -> Site:
+    """The earliest site every requested site is computed from: the backward pass stops there."""
+    first = min(sites, key=lambda s: (s.layer, _ORDER[s.kind]))
+    return first if all(feeds(first, s, parallel) for s in sites) else Site(first.layer, "resid_pre")
+
+
+def _make_leaf(h: Tensor, start: int) -> Tensor:
+    return h.detach().requires_grad_(True)
+
+
+def completion_nll(lm: LoadedModel, ids: Tensor, mask: Tensor, seqs: list[TokenSeq]) -> Tensor:
+    """L per sequence [B]: summed cross-entropy of the completion tokens (logits only where needed)."""
+    first = min(s.n_prompt for s in seqs) - 1  # earliest position predicting a completion token
+    keep = ids.shape[1] - first
+    logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+    targets = torch.full((len(seqs), keep), -100, dtype=torch.long, device=ids.device)  # [B, keep]
+    for row, seq in enumerate(seqs):
+        targets[row, seq.n_prompt - 1 - first:len(seq) - 1 - first] = ids[row, seq.n_prompt:len(seq)]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    return nll.sum(dim=1)
+
+
+def site_scores(bank: SAEBank, site: Site, acts: Tensor, grads: Tensor, mean: Tensor, sel: Tensor
+                ) -> tuple[Tensor, Tensor]:
+    """attr and act [B, d_sae] from acts/grads [B, T, width] averaged over sel [B, T]."""
+    rows = sel.nonzero()[:, 0].to(bank.device)  # batch row of each chosen position [N]
+    a = acts[sel].detach().float().to(bank.device)  # [N, width]
+    g = grads[sel].float().to(bank.device)  # [N, width]
+    decoder = bank.decoder(site)  # [d_sae, width]
+    centred = a - mean.to(bank.device)
+    attr = torch.zeros(sel.shape[0], decoder.shape[0], device=bank.device)  # [B, d_sae]
+    step = rows_per_chunk(decoder.shape[0])
+    for start in range(0, a.shape[0], step):
+        part = slice(start, start + step)
+        delta = -(g[part] @ decoder.T) * (centred[part] @ decoder.T)  # [n, d_sae]
+        attr.index_add_(0, rows[part], delta)
+    act = torch.zeros_like(attr).index_add_(0, rows, encode_rows(bank.sae(site), a))
+    counts = sel.sum(dim=1).clamp_min(1).to(bank.device, torch.float32)[:, None]
+    return attr / counts, act / counts
+
+
+def attribute_batch(engine: Engine, seqs: list[TokenSeq], sites: list[Site], means: dict[Site, Tensor],
+                    positions: str = "prompt") -> dict[Site, tuple[Tensor, Tensor]]:
+    """Per completion of `seqs`, for every latent of every site: (attr, act) [B, d_sae]."""
+    lm = engine.lm
+    leaf = grad_leaf(sites, lm.adapter.parallel)
+    with torch.inference_mode(False), torch.enable_grad(), \
+            SiteHooks(lm.model, reads=sites, edits={leaf: _make_leaf}, keep_grad=True) as hooks:
+        ids, mask = pad_batch(seqs, lm.tokenizer.pad_token_id, lm.device)
+        sel = position_mask(seqs, positions, ids.shape[1], lm.device)
+        completion_nll(lm, ids, mask, seqs).sum().backward()
+    acts, grads = hooks.acts, hooks.grads
+    return {site: site_scores(engine.bank, site, acts[site], grads[site], means[site], sel) for site in sites}
+
+
+def delta_scores(engine: Engine, plan: PairPlan, sites: list[Site], means: dict[Site, Tensor],
+                 positions: str = "prompt", batch_size: int = 8, on_progress: Progress | None = None,
+                 should_stop: StopCheck | None = None) -> dict[Site, tuple[Tensor, Tensor]] | None:
+    """Δ-attribution and Δ-activation [d_sae] per site; None when stopped."""
+    totals: dict[Site, tuple[Tensor, Tensor]] = {}
+    done = 0
+    for batch in batches(plan.seqs, batch_size):
+        if should_stop and should_stop():
+            return None
+        weights = plan.batch_weights(batch, engine.bank.device)
+        for site, (attr, act) in attribute_batch(engine, batch, sites, means, positions).items():
+            before = totals.get(site, (0.0, 0.0))
+            totals[site] = (before[0] + weights @ attr, before[1] + weights @ act)
+        done += len(batch)
+        if on_progress:
+            on_progress(done, len(plan.seqs), "attribution")
+    return totals
+
+
+# -- exact check -------------------------------------------------------------------------------
+def mean_ablation(direction: Tensor, mean_proj: float, sel: Tensor) -> Edit:
+    """Edit a_t <- a_t + (ā·d - a_t·d) d at the positions sel [B, T] (d unit, float32)."""
+    def edit(h: Tensor, start: int) -> Tensor:
+        chosen = sel[:, start:start + h.shape[1]]
+        shift = torch.where(chosen, mean_proj - h.float() @ direction, 0.0)  # [B, T]
+        return h + (shift[..., None] * direction).to(h.dtype)
+    return edit
+
+
+@torch.inference_mode()
+def exact_deltas(engine: Engine, plan: PairPlan, site: Site, latents: list[int], mean: Tensor,
+                 positions: str = "prompt", batch_size: int = 8, on_progress: Progress | None = None,
+                 should_stop: StopCheck | None = None) -> list[float]:
+    """Δ of exact_i (see module docstring) for each latent, in order; shorter when stopped."""
+    lm = engine.lm
+    directions = engine.bank.decoder(site)[latents].to(lm.device)  # [n, width]
+    mean_projs = (directions @ mean.to(lm.device)).tolist()
+    prepared = []
+    for batch in batches(plan.seqs, batch_size):
+        ids, mask = pad_batch(batch, lm.tokenizer.pad_token_id, lm.device)
+        sel = position_mask(batch, positions, ids.shape[1], lm.device)
+        per_position = plan.batch_weights(batch, lm.device) / sel.sum(1).clamp_min(1)
+        prepared.append((batch, ids, mask, sel, per_position, completion_nll(lm, ids, mask, batch)))
+    out: list[float] = []
+    for j, (direction, mean_proj) in enumerate(zip(directions, mean_projs, strict=True)):
+        if should_stop and should_stop():
+            break
+        total = 0.0
+        for batch, ids, mask, sel, per_position, base in prepared:
+            with SiteHooks(lm.model, edits={site: mean_ablation(direction, mean_proj, sel)}):
+                total += float(per_position @ (completion_nll(lm, ids, mask, batch) - base))
+        out.append(total)
+        if on_progress:
+            on_progress(j + 1, len(latents), f"exact check {site}")
+    return out
+
+
+# -- ranking -----------------------------------------------------------------------------------
+def descending_ranks(values: Tensor) -> Tensor:
+    """1 = largest; ties in index order."""
+    ranks = torch.empty_like(values, dtype=torch.long)
+    ranks[values.argsort(descending=True, stable=True)] = torch.arange(1, len(values) + 1, device=values.device)
+    return ranks
+
+
+def _average_ranks(values: Tensor) -> Tensor:
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    counts = counts.double()
+    first = torch.cumsum(counts, 0) - counts
+    return (first + (counts - 1) / 2)[inverse]
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman rank correlation (ties get average ranks); None for fewer than 2 points or no spread."""
+    if len(x) < 2:
+        return None
+    rx = _average_ranks(torch.tensor(x, dtype=torch.float64))
+    ry = _average_ranks(torch.tensor(y, dtype=torch.float64))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = float(rx.norm() * ry.norm())
+    return None if denom == 0 else float(rx @ ry) / denom
+
+
+def _row(site: Site, latent: int, attr: Tensor, act: Tensor, attr_ranks: Tensor, act_ranks: Tensor,
+         lens: list[str]) -> dict:
+    return {"site": str(site), "latent": latent, "rank": int(attr_ranks[latent]),
+            "delta_attr": float(attr[latent]), "delta_act": float(act[latent]),
+            "act_rank": int(act_ranks[latent]), "logit_lens": lens, "exact": None}
+
+
+def ranked_rows(engine: Engine, site: Site, attr: Tensor, act: Tensor, latents: list[int]) -> list[dict]:
+    """Result rows for `latents` of `site`, labelled by logit lens."""
+    lens = logit_lens_tokens(engine.lm, engine.bank.output_decoder(site)[latents], k=LENS_TOKENS)
+    attr_ranks, act_ranks = descending_ranks(attr), descending_ranks(act)
+    return [_row(site, latent, attr, act, attr_ranks, act_ranks, tokens)
+            for latent, tokens in zip(latents, lens, strict=True)]
+
+
+def site_result(engine: Engine, site: Site, attr: Tensor, act: Tensor, top_k: int) -> tuple[dict, list[dict]]:
+    k = min(top_k, attr.shape[0])
+    top, act_top = attr.topk(k).indices.tolist(), act.topk(k).indices.tolist()
+    info = {"d_sae": attr.shape[0], "top_k": k, "overlap": len(set(top) & set(act_top)), "act_top": act_top,
+            "n_checked": 0, "spearman": None}
+    return info, ranked_rows(engine, site, attr, act, top)
+
+
+def refresh_checks(result: dict) -> None:
+    """Recompute n_checked and Spearman(delta_attr, exact) per site and over all sites."""
+    checked = [r for r in result["rows"] if r["exact"] is not None]
+    for site, info in result["sites"].items():
+        rows = [r for r in checked if r["site"] == site]
+        info["n_checked"] = len(rows)
+        info["spearman"] = spearman([r["delta_attr"] for r in rows], [r["exact"] for r in rows])
+    result["n_checked"] = len(checked)
+    result["spearman"] = spearman([r["delta_attr"] for r in checked], [r["exact"] for r in checked])
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def summarize(result: dict) -> dict:
+    """The run summary: headline, table of the top rows over all sites, notes."""
+    rows = sorted(result["rows"], key=lambda r: -r["delta_attr"])
+    best = rows[0]
+    overlaps = ", ".join(f"{site} {info['overlap']}/{info['top_k']}" for site, info in result["sites"].items())
+    headline = (f"Δ-attribution over {result['n_prompts']} prompts ({result['n_completions']} completions, "
+                f"{result['positions']} positions): top latent {best['site']}#{best['latent']} "
+                f"(Δ-attr {_fmt(best['delta_attr'])}); top-k overlap with Δ-activation: {overlaps}")
+    if result["n_checked"]:
+        headline += (f"; Spearman(attribution, exact ΔL) {_fmt(result['spearman'])} over "
+                     f"{result['n_checked']} checked latents")
+    table = {"columns": ["rank", "site", "latent", "Δ-attr", "Δ-act", "exact ΔL", "logit lens"],
+             "rows": [[r["rank"], r["site"], r["latent"], _fmt(r["delta_attr"]), _fmt(r["delta_act"]),
+                       _fmt(r["exact"]), " ".join(r["logit_lens"][:5])] for r in rows[:SUMMARY_ROWS]]}
+    return {"headline": headline, "table": table, "notes": result["notes"]}
+
+
+# -- runs --------------------------------------------------------------------------------------
+def _check_sites(engine: Engine, sites: list[Site]) -> list[Site]:
+    if not sites:
+        raise AuditError("choose at least one site to attribute")
+    missing = [str(s) for s in sites if s not in engine.bank]
+    if missing:
+        loaded = ", ".join(str(s) for s in engine.bank.sites) or "none"
+        raise AuditError(f"no SAE for site {', '.join(missing)} (SAEs loaded for: {loaded})")
+    return list(dict.fromkeys(sites))
+
+
+def _notes(engine: Engine, store: Store, session_id: int, plan: PairPlan, positions: str) -> list[str]:
+    notes = [f"L is the summed cross-entropy (nats) of each completion; δ = -(g·d)((a-ā)·d) averaged over "
+             f"{positions} positions (position 0, the attention sink, excluded); exact ΔL mean-ablates all "
+             "chosen positions at once and is divided by their number"]
+    session_model = store.session(session_id).get("model_id")
+    if session_model and session_model != engine.lm.model_id:
+        notes.append(f"the session was sampled with {session_model}, not {engine.lm.model_id}: "
+                     "attribution of off-policy completions")
+    if positions == "prompt":
+        notes.append("Δ-activation over prompt positions is ~0: a prompt's completions share its activations "
+                     "(use completion positions for a Δ-activation baseline that differs)")
+    if plan.skipped:
+        notes.append(f"{len(plan.skipped)} completion(s) left out (no {positions} position or no pair): "
+                     f"{plan.skipped[:10]}")
+    if engine.lm.dtype != torch.float32:
+        notes.append(f"model in {engine.lm.dtype}: exact ΔL of weak latents is within rounding noise")
+    return notes + list(engine.bank.warnings)
+
+
+def _stopped(should_stop: StopCheck | None) -> bool:
+    return bool(should_stop and should_stop())
+
+
+def run_attribution(engine: Engine, store: Store, session_id: int, sites: list[Site], top_k: int = 100,
+                    positions: str = "prompt", check: int = 0, reference: str | Path | None = None,
+                    batch_size: int = 8, on_progress: Progress | None = None,
+                    should_stop: StopCheck | None = None) -> int:
+    """Attribute the session's pairs at `sites`, store the run, check the top `check` latents per site."""
+    if top_k < 1 or check < 0 or batch_size < 1:
+        raise AuditError("top-k and batch size must be at least 1 and check at least 0")
+    sites = _check_sites(engine, sites)
+    plan = pair_plan(store, session_id, positions)
+    check_vocab(engine.lm, plan.seqs)
+    params = {"sites": [str(s) for s in sites], "top_k": top_k, "positions": positions, "check": check,
+              "reference": str(reference) if reference else "session", "batch_size": batch_size,
+              "model_id": engine.lm.model_id, "saes": {str(s): engine.bank.digest(s) for s in sites}}
+    run_id = store.start_run(session_id, ATTRIBUTION_KIND, params)
+    try:
+        ref = reference_means(engine, store, session_id, sites, reference, batch_size, on_progress)
+        scores = None if _stopped(should_stop) else delta_scores(
+            engine, plan, sites, ref.means, positions, batch_size, on_progress, should_stop)
+        if scores is None:
+            store.fail_run(run_id, "cancelled by the user", status="cancelled")
+            return run_id
+        result = {"loss": "sum", "positions": positions, "n_prompts": plan.n_prompts,
+                  "n_completions": len(plan.seqs), "weights": {str(k): v for k, v in plan.weights.items()},
+                  "skipped": plan.skipped, "sites": {}, "rows": [], "n_checked": 0, "spearman": None,
+                  "reference": {"source": ref.source, "runs": {str(s): ref.runs[s] for s in sites},
+                                "tokens": {str(s): ref.tokens.get(s) for s in sites}},
+                  "notes": _notes(engine, store, session_id, plan, positions)}
+        for site, (attr, act) in scores.items():
+            result["sites"][str(site)], rows = site_result(engine, site, attr, act, top_k)
+            result["rows"] += rows
+        store.put_blob(run_id, "deltas", save_tensors({f"{site}|{name}": vec.cpu().contiguous() for site, pair
+                                                       in scores.items() for name, vec in zip(("attr", "act"), pair)}))
+        store.finish_run(run_id, result, summarize(result))
+    except BaseException as exc:
+        store.fail_run(run_id, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                       status="cancelled" if isinstance(exc, KeyboardInterrupt) else "failed")
+        raise
+    if check:
+        targets = [(Site.parse(r["site"]), r["latent"]) for r in result["rows"] if r["rank"] <= check]
+        check_latents(engine, store, run_id, targets, batch_size, on_progress, should_stop)
+    return run_id
+
+
+def run_deltas(store: Store, run_id: int) -> dict[str, Tensor]:
+    """The full Δ-attribution and Δ-activation vectors of an attribution run."""
+    data = store.get_blob(run_id, "deltas")
+    if data is None:
+        raise AuditError(f"attribution run {run_id} has no stored Δ vectors; run attribution again")
+    return load_tensors(data)
+
+
+def _checked_run(engine: Engine, store: Store, run_id: int, sites: set[Site]) -> dict:
+    run = store.run(run_id)
+    if run["kind"] != ATTRIBUTION_KIND or run["status"] != "done":
+        raise AuditError(f"run {run_id} is not a finished attribution run ({run['kind']}, {run['status']})")
+    params = run["params"]
+    if params["model_id"] != engine.lm.model_id:
+        raise AuditError(f"run {run_id} was computed on {params['model_id']}; load that model to check it")
+    for site in sites:
+        if str(site) not in params["sites"]:
+            raise AuditError(f"run {run_id} did not attribute site {site} (it has {', '.join(params['sites'])})")
+        if site not in engine.bank or engine.bank.digest(site) != params["saes"][str(site)]:
+            raise AuditError(f"the SAE loaded for {site} is not the one run {run_id} used; load the same pack")
+    return run
+
+
+def check_latents(engine: Engine, store: Store, run_id: int, latents: list[tuple[Site | str, int]],
+                  batch_size: int | None = None, on_progress: Progress | None = None,
+                  should_stop: StopCheck | None = None) -> list[dict]:
+    """Exact mean-ablation ΔL for `latents` of attribution run `run_id`; updates and returns their rows."""
+    targets = [(Site.parse(s) if isinstance(s, str) else s, int(i)) for s, i in latents]
+    run = _checked_run(engine, store, run_id, {s for s, _ in targets})
+    result, params = run["result"], run["params"]
+    deltas = run_deltas(store, run_id)
+    plan = stored_plan(store, result["weights"])
+    means = load_reference(store, result["reference"]["runs"], engine.lm.device)
+    rows = {(r["site"], r["latent"]): r for r in result["rows"]}
+    updated = []
+    for site in dict.fromkeys(s for s, _ in targets):
+        attr, act = deltas[f"{site}|attr"], deltas[f"{site}|act"]
+        wanted = list(dict.fromkeys(i for s, i in targets if s == site))
+        if not all(0 <= i < attr.shape[0] for i in wanted):
+            raise AuditError(f"site {site} has latents 0..{attr.shape[0] - 1}")
+        new = [i for i in wanted if (str(site), i) not in rows]
+        if new:
+            for row in ranked_rows(engine, site, attr, act, new):
+                rows[(row["site"], row["latent"])] = row
+                result["rows"].append(row)
+        exact = exact_deltas(engine, plan, site, wanted, means[site], params["positions"],
+                             batch_size or params["batch_size"], on_progress, should_stop)
+        for latent, value in zip(wanted, exact, strict=False):
+            rows[(str(site), latent)]["exact"] = value
+            updated.append(rows[(str(site), latent)])
+        if len(exact) < len(wanted):
+            result["notes"].append(f"exact check stopped after {len(exact)} of {len(wanted)} latents at {site}")
+            break
+    result["rows"].sort(key=lambda r: (params["sites"].index(r["site"]), r["rank"]))
+    refresh_checks(result)
+    store.finish_run(run_id, result, summarize(result))
+    return updated
