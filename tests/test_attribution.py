@@ -113,7 +113,8 @@ def test_all_latents_at_once_equal_a_per_latent_loop(family, site_texts, engine_
                 assert expected.abs().max() > 1e-4, "vacuous: no attribution at all"
                 attr, act = scores[site]
                 torch.testing.assert_close(attr[row, latents].double(), expected, rtol=1e-3, atol=1e-6)
-                codes = sae.encode(hooks.acts[site][0, span]).mean(dim=0)
+                act_span = list(SPANS["completion"](seq.n_prompt, len(seq)))  # Δ-act: completion positions
+                codes = sae.encode(hooks.acts[site][0, act_span]).mean(dim=0)
                 torch.testing.assert_close(act[row], codes, rtol=1e-4, atol=1e-5)
 
 

@@ -1,3 +1,140 @@
-"""Headless commands (filled in by its issue)."""
+"""`auditui pack build|info|list`: build the offline SAE pack, show its quality, list packs."""
 
-from auditui.cli import app  # noqa: F401
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from auditui.cli import app
+from auditui.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, emit, settings_from
+from auditui.config import DEFAULT_PACK
+from auditui.errors import AuditError
+
+pack_app = typer.Typer(help="Build, inspect and list SAE packs (<cache>/packs/NAME).", no_args_is_help=True)
+app.add_typer(pack_app, name="pack")
+
+NameArg = Annotated[str, typer.Argument(help="pack name (demo = the offline SmolLM2 pack)")]
+QUALITY = ("variance_explained", "l0", "dead_fraction", "loss_clean", "loss_spliced", "ce_recovered")
+
+
+def _bar():
+    """A progress callback drawing one rich bar per stage on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    bars = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+    tasks: dict[str, int] = {}
+    logged: dict[str, float] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if total == 0:
+            bars.console.print(f"... {stage}", markup=False, highlight=False)
+            return
+        if not console.is_terminal and (time.monotonic() - logged.get(stage, -60) > 30 or done == total):
+            logged[stage] = time.monotonic()  # a log file gets a line every 30 s instead of a bar
+            bars.console.print(f"... {stage} {done:,}/{total:,}", markup=False, highlight=False)
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.update(tasks[stage], completed=done, total=total)
+    return bars, progress
+
+
+@pack_app.command("build")
+def build(name: NameArg = DEFAULT_PACK, model: ModelOpt = None, device: DeviceOpt = None, dtype: DtypeOpt = None,
+          quick: bool = typer.Option(False, "--quick", help="a small build of a block of layers (tests, trials)"),
+          layers: str | None = typer.Option(None, "--layers", help="contiguous block A-B (default: all; --quick: 12-13)"),
+          tokens: int | None = typer.Option(None, "--tokens", help="training tokens per SAE (upper bound)"),
+          minutes: float | None = typer.Option(None, "--minutes", help="CPU training budget (0 = no limit)"),
+          width: int | None = typer.Option(None, "--width", help="latents per SAE (d_sae)"),
+          k: int | None = typer.Option(None, "--k", help="active latents per token (TopK)"),
+          force: bool = typer.Option(False, "--force", help="rebuild even if the pack is complete"),
+          as_json: JsonOpt = False) -> None:
+    """Build (or resume) a pack: TopK SAEs on every resid/attn/mlp site, trained in one model pass."""
+    from auditui.engine.packs import BuildPlan, build_pack, parse_layers, quick_plan
+
+    settings = settings_from(model=model, device=device, dtype=dtype)
+    plan = quick_plan(name, settings.model) if quick else BuildPlan(name=name, model=settings.model)
+    overrides = {"layers": parse_layers(layers) if layers else None, "train_tokens": tokens,
+                 "train_minutes": minutes, "d_sae": width, "k": k}
+    plan = replace(plan, **{key: value for key, value in overrides.items() if value is not None})
+    if plan.train_tokens < plan.batch_tokens or plan.d_sae < 1 or plan.k < 1 or plan.k > plan.d_sae:
+        raise AuditError(f"need --tokens >= {plan.batch_tokens} and 1 <= --k <= --width")
+    bars, progress = _bar()
+    with bars:
+        path = build_pack(plan, settings.cache_path, settings.device, settings.dtype, progress, force=force)
+    emit(pack_info_data(str(path), settings.cache_path), as_json, _print_info)
+
+
+def pack_info_data(name: str, cache_dir: Path) -> dict:
+    from auditui.engine.packs import pack_size
+    from auditui.engine.saes import read_pack, resolve_pack_dir
+
+    pack = read_pack(resolve_pack_dir(name, cache_dir))
+    manifest = pack.manifest
+    rows = [{"site": site, **{key: entry.get(key) for key in ("architecture", "d_sae", "k", *QUALITY)}}
+            for site, entry in manifest["saes"].items()]
+    return {"name": pack.name, "path": str(pack.path), "model_id": pack.model_id, "bytes": pack_size(pack.path),
+            "built_at": manifest.get("built_at"), "training": manifest.get("training", {}),
+            "quality": manifest.get("quality", {}), "corpus": manifest.get("corpus", {}), "saes": rows}
+
+
+def _print_info(data: dict) -> None:
+    console = Console()
+    training = data["training"]
+    console.print(f"{data['name']}: {len(data['saes'])} SAEs for {data['model_id']} at {data['path']} "
+                  f"({data['bytes'] / 2**20:.0f} MiB)", markup=False)
+    if training:
+        console.print(f"trained on {training.get('tokens_per_sae', 0):,} tokens per SAE in "
+                      f"{training.get('train_seconds', 0) / 60:.1f} min (build {training.get('build_seconds', 0) / 60:.1f} "
+                      f"min, {training.get('device')})", markup=False)
+    table = Table(box=None)
+    table.add_column("site", no_wrap=True)
+    for header in ("arch", "d_sae", "k", "var expl", "L0", "dead", "loss", "loss+SAE", "CE rec"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in data["saes"]:
+        table.add_row(row["site"], str(row["architecture"]), str(row["d_sae"]), str(row["k"] or "-"),
+                      *[_fmt(row[key]) for key in QUALITY])
+    console.print(table)
+    corpus = data["corpus"]
+    if corpus:
+        parts = ", ".join(f"{name} {entry.get('train_tokens', 0):,}" for name, entry in corpus.items())
+        console.print(f"corpus (training tokens): {parts}", markup=False)
+
+
+def _fmt(value: object) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+@pack_app.command("info")
+def info(name: NameArg = DEFAULT_PACK, as_json: JsonOpt = False) -> None:
+    """A pack's SAEs with their quality (variance explained, L0, dead latents, spliced-in loss)."""
+    settings = settings_from()
+    emit(pack_info_data(name, settings.cache_path), as_json, _print_info)
+
+
+@pack_app.command("list")
+def list_(as_json: JsonOpt = False) -> None:
+    """Packs under the cache dir, complete or left partial by an interrupted build."""
+    from auditui.engine.packs import list_packs
+
+    settings = settings_from()
+    rows = list_packs(settings.cache_path)
+
+    def human(items: list[dict]) -> None:
+        if not items:
+            Console().print(f"no packs under {settings.cache_path / 'packs'}; run: auditui pack build demo",
+                            markup=False)
+            return
+        table = Table("name", "status", "SAEs", "MiB", "path", box=None)
+        for row in items:
+            table.add_row(row["name"], row["status"] + (" (resumable)" if row.get("resumable") else ""),
+                          str(row.get("saes", "-")), f"{row['bytes'] / 2**20:.0f}", row["path"])
+        Console().print(table)
+    emit(rows, as_json, human)

@@ -13,9 +13,9 @@ Definitions (for one completion C of a prompt, at one site)
                "completion": the completion tokens that precede a scored token, n_prompt <= t < len-1;
                "all": 1 <= t < len-1.
                Position 0 (the attention sink; excluded from ā too) is never used.
-    act_i    = mean SAE activation (`sae.encode` of a_t) over the same positions. Over prompt
-               positions Δ-act is ~0 by construction (a prompt's completions share its activations);
-               the run says so in its notes.
+    act_i    = mean SAE activation (`sae.encode` of a_t) over the completion positions, whatever
+               the attribution positions: that is where a prompt's positive and negative completions
+               differ (over the prompt they share every activation, so Δ-act would be exactly 0).
     exact_i  = (L with a_t·d_i <- ā·d_i at every t in P, in one real forward - L) / |P|; to first
                order exact_i = attr_i, so the two are comparable number for number.
     Δ        = for each prompt with both labels: mean over its positive completions minus mean over
@@ -217,9 +217,9 @@ def completion_nll(lm: LoadedModel, ids: Tensor, mask: Tensor, seqs: list[TokenS
     return nll.sum(dim=1)
 
 
-def site_scores(bank: SAEBank, site: Site, acts: Tensor, grads: Tensor, mean: Tensor, sel: Tensor
-                ) -> tuple[Tensor, Tensor]:
-    """attr and act [B, d_sae] from acts/grads [B, T, width] averaged over sel [B, T]."""
+def site_scores(bank: SAEBank, site: Site, acts: Tensor, grads: Tensor, mean: Tensor, sel: Tensor,
+                act_sel: Tensor) -> tuple[Tensor, Tensor]:
+    """attr [B, d_sae] averaged over sel [B, T] and act [B, d_sae] over act_sel, from acts/grads [B, T, width]."""
     rows = sel.nonzero()[:, 0].to(bank.device)  # batch row of each chosen position [N]
     a = acts[sel].detach().float().to(bank.device)  # [N, width]
     g = grads[sel].float().to(bank.device)  # [N, width]
@@ -231,9 +231,12 @@ def site_scores(bank: SAEBank, site: Site, acts: Tensor, grads: Tensor, mean: Te
         part = slice(start, start + step)
         delta = -(g[part] @ decoder.T) * (centred[part] @ decoder.T)  # [n, d_sae]
         attr.index_add_(0, rows[part], delta)
-    act = torch.zeros_like(attr).index_add_(0, rows, encode_rows(bank.sae(site), a))
     counts = sel.sum(dim=1).clamp_min(1).to(bank.device, torch.float32)[:, None]
-    return attr / counts, act / counts
+    act_rows = act_sel.nonzero()[:, 0].to(bank.device)
+    codes = encode_rows(bank.sae(site), acts[act_sel].detach().float().to(bank.device))  # [N', d_sae]
+    act = torch.zeros_like(attr).index_add_(0, act_rows, codes)
+    act_counts = act_sel.sum(dim=1).clamp_min(1).to(bank.device, torch.float32)[:, None]
+    return attr / counts, act / act_counts
 
 
 def attribute_batch(engine: Engine, seqs: list[TokenSeq], sites: list[Site], means: dict[Site, Tensor],
@@ -245,9 +248,11 @@ def attribute_batch(engine: Engine, seqs: list[TokenSeq], sites: list[Site], mea
             SiteHooks(lm.model, reads=sites, edits={leaf: _make_leaf}, keep_grad=True) as hooks:
         ids, mask = pad_batch(seqs, lm.tokenizer.pad_token_id, lm.device)
         sel = position_mask(seqs, positions, ids.shape[1], lm.device)
+        act_sel = position_mask(seqs, "completion", ids.shape[1], lm.device)
         completion_nll(lm, ids, mask, seqs).sum().backward()
     acts, grads = hooks.acts, hooks.grads
-    return {site: site_scores(engine.bank, site, acts[site], grads[site], means[site], sel) for site in sites}
+    return {site: site_scores(engine.bank, site, acts[site], grads[site], means[site], sel, act_sel)
+            for site in sites}
 
 
 def delta_scores(engine: Engine, plan: PairPlan, sites: list[Site], means: dict[Site, Tensor],
@@ -407,9 +412,7 @@ def _notes(engine: Engine, store: Store, session_id: int, plan: PairPlan, positi
     if session_model and session_model != engine.lm.model_id:
         notes.append(f"the session was sampled with {session_model}, not {engine.lm.model_id}: "
                      "attribution of off-policy completions")
-    if positions == "prompt":
-        notes.append("Δ-activation over prompt positions is ~0: a prompt's completions share its activations "
-                     "(use completion positions for a Δ-activation baseline that differs)")
+    notes.append("Δ-activation is the mean SAE activation over completion positions, positive minus negative")
     if plan.skipped:
         notes.append(f"{len(plan.skipped)} completion(s) left out (no {positions} position or no pair): "
                      f"{plan.skipped[:10]}")
