@@ -18,6 +18,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 from auditui.errors import AuditError
 from auditui.tui.screens.dialogs import AskForm
 from auditui.tui.widgets.params import ParamRow, parse_number
+from auditui.tui.widgets.summary import summary_text
 from auditui.tui.guard import guarded
 from auditui.tui.widgets.status import StatusBar
 
@@ -226,15 +227,3 @@ def node_detail(node: dict) -> Text:
         text.append(f"  note: {note}\n", style="dim")
     return text
 
-
-def summary_text(summary: dict) -> Text:
-    """A run summary (headline / table / notes) as plain text."""
-    text = Text(summary.get("headline", "") + "\n", style="bold")
-    table = summary.get("table") or {}
-    if table:
-        text.append("  ".join(table["columns"]) + "\n", style="dim")
-        for row in table["rows"]:
-            text.append("  ".join(str(cell) for cell in row) + "\n")
-    for note in summary.get("notes", []):
-        text.append(f"{note}\n", style="dim")
-    return text

@@ -30,6 +30,7 @@ class SamplesScreen(Screen):
         Binding("plus,equals_sign", "label('positive')", "+ pos", key_display="+"),
         Binding("minus", "label('negative')", "- neg", key_display="-"),
         Binding("0", "label('unlabelled')", "0 none", key_display="0"),
+        Binding("a", "attribution", "Attribution"),
         Binding("f", "flow", "Flow"),
         Binding("e", "export", "Export"),
         Binding("b", "app.pop_screen", "Sessions"),
@@ -187,6 +188,11 @@ class SamplesScreen(Screen):
         row = table.cursor_row
         self.refresh_prompts(select=self.prompt_id)
         table.move_cursor(row=min(row + 1, table.row_count - 1))
+
+    def action_attribution(self) -> None:
+        from auditui.tui.screens.attribution import AttributionScreen
+
+        self.app.push_screen(AttributionScreen(self.session_id))
 
     def action_flow(self) -> None:
         from auditui.tui.screens.flow import FlowScreen

@@ -1,0 +1,214 @@
+"""Attribution: rank SAE latents by Δ-attribution over the session's labelled pairs (seed 003).
+
+The table shows the latest attribution run of the session (so it is there again tomorrow): rank,
+site, latent, Δ-attribution with a bar, Δ-activation and its rank, the exact mean-ablation ΔL once
+checked, and logit-lens tokens. `c` checks the selected latent exactly, `v` shows where it fires in
+the session's texts (per-token activation highlighting), `f` sends it to the flow screen, `s` adds
+it to the steering set.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.color import Color
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from auditui.errors import AuditError
+from auditui.tui.guard import guarded
+from auditui.tui.widgets.params import ParamRow, parse_number
+from auditui.tui.widgets.status import StatusBar
+from auditui.tui.widgets.summary import summary_text
+
+BAR = 10
+
+
+def bar(value: float, largest: float) -> Text:
+    """A bar of up to BAR cells for |value| / largest; positive and negative in their own colours."""
+    cells = round(BAR * abs(value) / largest) if largest > 0 else 0
+    return Text("█" * cells, style="green" if value >= 0 else "red")
+
+
+def number(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3g}"
+
+
+class AttributionScreen(Screen):
+    HELP = ("Δ-attribution: for each completion, δ_i = -(g·d_i)((a-ā)·d_i) averaged over the chosen "
+            "positions, positive minus negative per prompt, averaged over prompts. Δ-act: the SAE "
+            "activation difference over completion tokens. exact: the real ΔL of mean-ablating the latent.")
+    BINDINGS = [
+        Binding("ctrl+r", "run", "Run"),
+        Binding("c", "check", "Check exact"),
+        Binding("v", "view", "Where it fires"),
+        Binding("f", "flow", "Flow"),
+        Binding("s", "steer", "Steer set +"),
+        Binding("b", "app.pop_screen", "Back"),
+    ]
+
+    def __init__(self, session_id: int):
+        super().__init__()
+        self.session_id = session_id
+        self.run: dict | None = None
+        self.rows: list[dict] = []
+
+    @property
+    def store(self):  # type: ignore[no-untyped-def]
+        return self.app.store  # type: ignore[attr-defined]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield ParamRow([("sites", self.default_sites(), 24), ("top", "100", 4), ("check", "0", 3),
+                        ("positions", "prompt", 10)])
+        yield DataTable(cursor_type="row", id="ranked")
+        with VerticalScroll(id="detail-box"):
+            yield Static(id="detail")
+        yield StatusBar()
+        yield Footer()
+
+    def default_sites(self) -> str:
+        """The residual site nearest the middle of the model that has an SAE."""
+        engine = self.app.jobs.state.get("engine")  # type: ignore[attr-defined]
+        if engine is None or not len(engine.bank):
+            return ""
+        residual = [s for s in engine.bank.sites if s.kind == "resid_post"] or engine.bank.sites
+        middle = min(residual, key=lambda s: abs(s.layer - engine.lm.n_layers // 2))
+        return str(middle)
+
+    @guarded
+    def on_mount(self) -> None:
+        self.title = "attribution"
+        self.query_one("#ranked", DataTable).add_columns("#", "site", "latent", "Δ-attr", "", "Δ-act", "act#",
+                                                          "exact", "tokens")
+        runs = [r for r in self.store.runs(self.session_id, "attribution") if r["status"] == "done"]
+        if runs:
+            self.show_run(runs[-1])
+
+    # -- running -------------------------------------------------------------------------------
+    def request(self) -> dict:
+        from auditui.engine.sites import Site
+
+        value = self.query_one(ParamRow).values()
+        sites = [Site.parse(part) for part in value["sites"].replace(",", " ").split()]
+        if not sites:
+            raise AuditError("give at least one site, e.g. 12/resid_post")
+        return {"sites": sites, "top_k": int(parse_number(value["top"], int, "top", 1, 100000)),
+                "check": int(parse_number(value["check"], int, "check", 0, 1000)), "positions": value["positions"]}
+
+    @guarded
+    def action_run(self) -> None:
+        req = self.request()
+        app, session_id = self.app, self.session_id
+
+        def job(ctx):  # type: ignore[no-untyped-def]
+            from auditui.engine.attribution import run_attribution
+
+            run_id = run_attribution(app.engine(ctx), app.store, session_id, on_progress=ctx.progress,  # type: ignore[attr-defined]
+                                     should_stop=ctx.should_stop, **req)
+            return app.store.run(run_id)  # type: ignore[attr-defined]
+
+        self.app.submit("attribution", job, on_done=self.show_run)  # type: ignore[attr-defined]
+
+    def on_input_submitted(self) -> None:
+        self.action_run()
+
+    def show_run(self, run: dict) -> None:
+        if run["status"] != "done" or not run.get("result"):
+            self.notify(f"attribution run {run['id']}: {run['status']}", markup=False)
+            return
+        self.run = run
+        self.rows = run["result"]["rows"]
+        largest = max((abs(r["delta_attr"]) for r in self.rows), default=0.0)
+        table = self.query_one("#ranked", DataTable)
+        row_index = table.cursor_row
+        table.clear()
+        for row in self.rows:
+            table.add_row(str(row["rank"]), row["site"], str(row["latent"]), number(row["delta_attr"]),
+                          bar(row["delta_attr"], largest), number(row["delta_act"]), str(row["act_rank"]),
+                          number(row["exact"]), Text(" ".join(repr(t)[1:-1] for t in row["logit_lens"][:4])),
+                          key=f"{row['site']}/{row['latent']}")
+        self.title = f"attribution · run {run['id']} · {run['result']['n_prompts']} prompts"
+        self.query_one("#detail", Static).update(summary_text(run["summary"]))
+        if table.row_count:
+            table.move_cursor(row=min(row_index, table.row_count - 1))
+            table.focus()
+
+    def current(self) -> dict | None:
+        table = self.query_one("#ranked", DataTable)
+        return self.rows[table.cursor_row] if self.rows and table.row_count else None
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        row = self.current()
+        if row is not None:
+            text = Text(f"{row['site']}/{row['latent']}  ", style="bold")
+            text.append(f"Δ-attr {number(row['delta_attr'])} · Δ-act {number(row['delta_act'])} "
+                        f"(rank {row['act_rank']}) · exact {number(row['exact'])}\n")
+            text.append("logit lens: " + " ".join(repr(t)[1:-1] for t in row["logit_lens"]))
+            self.query_one("#detail", Static).update(text)
+
+    # -- actions on the selected latent --------------------------------------------------------
+    @guarded
+    def action_check(self) -> None:
+        row = self.current()
+        if row is None or self.run is None:
+            return
+        app, run_id, target = self.app, self.run["id"], (row["site"], row["latent"])
+
+        def job(ctx):  # type: ignore[no-untyped-def]
+            from auditui.engine.attribution import check_latents
+
+            check_latents(app.engine(ctx), app.store, run_id, [target], on_progress=ctx.progress,  # type: ignore[attr-defined]
+                          should_stop=ctx.should_stop)
+            return app.store.run(run_id)  # type: ignore[attr-defined]
+
+        self.app.submit(f"exact check {target[0]}/{target[1]}", job, on_done=self.show_run)  # type: ignore[attr-defined]
+
+    @guarded
+    def action_view(self) -> None:
+        row = self.current()
+        if row is None:
+            return
+        app, session_id = self.app, self.session_id
+
+        def job(ctx):  # type: ignore[no-untyped-def]
+            from auditui.engine.labels import top_snippets
+            from auditui.engine.sites import Site
+
+            return top_snippets(app.engine(ctx), app.store, session_id, Site.parse(row["site"]), row["latent"])  # type: ignore[attr-defined]
+
+        label = f"{row['site']}/{row['latent']}"
+        self.app.submit(f"snippets {label}", job, on_done=lambda snippets: self.show_snippets(label, snippets))  # type: ignore[attr-defined]
+
+    def show_snippets(self, label: str, snippets: list[dict]) -> None:
+        theme = self.app.current_theme
+        base, accent = Color.parse(theme.background or "black"), Color.parse(theme.primary)
+        text = Text(f"where {label} fires in this session ({len(snippets)} texts)\n", style="bold")
+        for snippet in snippets:
+            top = snippet["max"] or 1.0
+            text.append(f"#{snippet['completion_id']} max {snippet['max']:.3g}: ", style="dim")
+            for token, value in zip(snippet["tokens"], snippet["activations"], strict=True):
+                strength = max(0.0, min(1.0, value / top))
+                style = f"on {base.blend(accent, strength).hex}" if strength > 0 else ""
+                text.append(token.replace("\n", "⏎"), style=style)
+            text.append("\n")
+        if not snippets:
+            text.append("it is not active on any of the session's texts")
+        self.query_one("#detail", Static).update(text)
+
+    def action_flow(self) -> None:
+        row = self.current()
+        if row is None:
+            return
+        from auditui.tui.screens.flow import FlowScreen
+
+        self.app.push_screen(FlowScreen(self.session_id, f"{row['site']}/{row['latent']}"))
+
+    @guarded
+    def action_steer(self) -> None:
+        row = self.current()
+        if row is not None:
+            self.store.add_feature(self.session_id, row["site"], row["latent"], source="attribution")
+            self.notify(f"{row['site']}/{row['latent']} added to the steering set", timeout=3)

@@ -1,0 +1,64 @@
+"""Attribution screen on a tiny model + pack: run, bars, exact check, snippets, flow hand-off, resume."""
+
+from __future__ import annotations
+
+from helpers import labelled_session
+from test_tui import SIZE, cells, wait_idle
+from textual.widgets import DataTable, Static
+
+from auditui.config import load_settings
+from auditui.store import Store
+from auditui.tui.app import AuditApp
+from auditui.tui.screens.attribution import AttributionScreen
+from auditui.tui.screens.flow import FlowScreen
+
+SPEC = [("Is the sky blue?", [("Yes, it is blue.", "positive"), ("No idea at all.", "negative")]),
+        ("Say hi", [("Hello there!", "positive"), ("Go away now.", "negative"), ("Hm.", "negative")])]
+
+
+async def test_attribution_screen(tmp_path, tiny_models, tiny_packs, loaded):
+    settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"))
+    store = Store(settings.db)
+    session_id = labelled_session(store, loaded("llama"), SPEC)
+    app = AuditApp(settings)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        app.push_screen(AttributionScreen(session_id))
+        await pilot.pause()
+        assert app.screen.query_one("#param-sites").value == "1/resid_post"  # middle residual site with an SAE
+        app.screen.query_one("#param-sites").value = "2/resid_post 1/mlp_out"
+        app.screen.query_one("#param-top").value = "5"
+        await pilot.press("ctrl+r")
+        await wait_idle(app, pilot)
+        run = store.runs(session_id, "attribution")[-1]
+        table = app.screen.query_one("#ranked", DataTable)
+        shown = [(row[1], int(row[2])) for row in cells(table)]
+        assert shown == [(r["site"], r["latent"]) for r in run["result"]["rows"]] and len(shown) == 10
+        assert len(cells(table)[0][4]) > 0  # the bar of the top latent is drawn
+        # exact check of the selected row lands in the table and the store
+        table.move_cursor(row=1)
+        await pilot.press("c")
+        await wait_idle(app, pilot)
+        checked = store.run(run["id"])["result"]["rows"][1]
+        assert checked["exact"] is not None
+        assert cells(app.screen.query_one("#ranked", DataTable))[1][7] == f"{checked['exact']:+.3g}"
+        # where it fires
+        await pilot.press("v")
+        await wait_idle(app, pilot)
+        assert "where " in str(app.screen.query_one("#detail", Static).render())
+        await pilot.press("s")
+        assert [(f["site"], f["latent"], f["source"]) for f in store.features(session_id)] == [
+            (checked["site"], checked["latent"], "attribution")]
+        # send a residual latent on to the flow screen
+        residual = next(i for i, (site, _) in enumerate(shown) if site == "2/resid_post")
+        table.move_cursor(row=residual)
+        await pilot.press("f")
+        await wait_idle(app, pilot)
+        assert isinstance(app.screen, FlowScreen)
+        assert store.runs(session_id, "flow")[-1]["result"]["root"] == "2/resid_post/%d" % shown[residual][1]
+    # a new app shows the last run again
+    app = AuditApp(settings, load_engine=False)
+    async with app.run_test(size=SIZE) as pilot:
+        app.push_screen(AttributionScreen(session_id))
+        await pilot.pause()
+        assert len(cells(app.screen.query_one("#ranked", DataTable))) == 10
