@@ -100,9 +100,6 @@ class AuditApp(App):
         self._jobs[job.id] = job
         return self.jobs.submit(job)
 
-    def engine(self, ctx: JobContext) -> Any:
-        return ctx.state["engine"]
-
     def on_job_started(self, message: JobStarted) -> None:
         self._set_job((message.job.title, 0, 0))
 

@@ -10,17 +10,13 @@ it to the steering set.
 from __future__ import annotations
 
 from rich.text import Text
-from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.color import Color
-from textual.containers import VerticalScroll
-from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
 
 from auditui.errors import AuditError
 from auditui.tui.guard import guarded
-from auditui.tui.widgets.params import ParamRow, parse_number
-from auditui.tui.widgets.status import StatusBar
+from auditui.tui.screens.base import StepScreen
+from auditui.tui.widgets.params import parse_number
 from auditui.tui.widgets.summary import summary_text
 
 BAR = 10
@@ -36,7 +32,7 @@ def number(value: float | None) -> str:
     return "-" if value is None else f"{value:+.3g}"
 
 
-class AttributionScreen(Screen):
+class AttributionScreen(StepScreen):
     HELP = ("Δ-attribution: for each completion, δ_i = -(g·d_i)((a-ā)·d_i) averaged over the chosen "
             "positions, positive minus negative per prompt, averaged over prompts. Δ-act: the SAE "
             "activation difference over completion tokens. exact: the real ΔL of mean-ablating the latent.")
@@ -49,25 +45,14 @@ class AttributionScreen(Screen):
         Binding("b", "app.pop_screen", "Back"),
     ]
 
+    TABLE_ID = "ranked"
+
     def __init__(self, session_id: int):
-        super().__init__()
-        self.session_id = session_id
+        super().__init__(session_id)
         self.run: dict | None = None
-        self.rows: list[dict] = []
 
-    @property
-    def store(self):  # type: ignore[no-untyped-def]
-        return self.app.store  # type: ignore[attr-defined]
-
-    def compose(self) -> ComposeResult:
-        yield Header()
-        yield ParamRow([("sites", self.default_sites(), 24), ("top", "100", 4), ("check", "0", 3),
-                        ("positions", "prompt", 10)])
-        yield DataTable(cursor_type="row", id="ranked")
-        with VerticalScroll(id="detail-box"):
-            yield Static(id="detail")
-        yield StatusBar()
-        yield Footer()
+    def params(self) -> list[tuple[str, str, int]]:
+        return [("sites", self.default_sites(), 24), ("top", "100", 4), ("check", "0", 3), ("positions", "prompt", 10)]
 
     def default_sites(self) -> str:
         """The residual site nearest the middle of the model that has an SAE."""
@@ -81,7 +66,7 @@ class AttributionScreen(Screen):
     @guarded
     def on_mount(self) -> None:
         self.title = "attribution"
-        self.query_one("#ranked", DataTable).add_columns("#", "site", "latent", "Δ-attr", "", "Δ-act", "act#",
+        self.table.add_columns("#", "site", "latent", "Δ-attr", "", "Δ-act", "act#",
                                                           "exact", "tokens")
         runs = [r for r in self.store.runs(self.session_id, "attribution") if r["status"] == "done"]
         if runs:
@@ -91,7 +76,7 @@ class AttributionScreen(Screen):
     def request(self) -> dict:
         from auditui.engine.sites import Site
 
-        value = self.query_one(ParamRow).values()
+        value = self.param_values()
         sites = [Site.parse(part) for part in value["sites"].replace(",", " ").split()]
         if not sites:
             raise AuditError("give at least one site, e.g. 12/resid_post")
@@ -101,16 +86,16 @@ class AttributionScreen(Screen):
     @guarded
     def action_run(self) -> None:
         req = self.request()
-        app, session_id = self.app, self.session_id
+        store, session_id = self.store, self.session_id
 
         def job(ctx):  # type: ignore[no-untyped-def]
             from auditui.engine.attribution import run_attribution
 
-            run_id = run_attribution(app.engine(ctx), app.store, session_id, on_progress=ctx.progress,  # type: ignore[attr-defined]
+            run_id = run_attribution(self.engine(ctx), store, session_id, on_progress=ctx.progress,
                                      should_stop=ctx.should_stop, **req)
-            return app.store.run(run_id)  # type: ignore[attr-defined]
+            return store.run(run_id)
 
-        self.app.submit("attribution", job, on_done=self.show_run)  # type: ignore[attr-defined]
+        self.submit("attribution", job, on_done=self.show_run)
 
     def on_input_submitted(self) -> None:
         self.action_run()
@@ -122,7 +107,7 @@ class AttributionScreen(Screen):
         self.run = run
         self.rows = run["result"]["rows"]
         largest = max((abs(r["delta_attr"]) for r in self.rows), default=0.0)
-        table = self.query_one("#ranked", DataTable)
+        table = self.table
         row_index = table.cursor_row
         table.clear()
         for row in self.rows:
@@ -131,23 +116,19 @@ class AttributionScreen(Screen):
                           number(row["exact"]), Text(" ".join(repr(t)[1:-1] for t in row["logit_lens"][:4])),
                           key=f"{row['site']}/{row['latent']}")
         self.title = f"attribution · run {run['id']} · {run['result']['n_prompts']} prompts"
-        self.query_one("#detail", Static).update(summary_text(run["summary"]))
+        self.show_detail(summary_text(run["summary"]))
         if table.row_count:
             table.move_cursor(row=min(row_index, table.row_count - 1))
             table.focus()
 
-    def current(self) -> dict | None:
-        table = self.query_one("#ranked", DataTable)
-        return self.rows[table.cursor_row] if self.rows and table.row_count else None
-
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+    def on_data_table_row_highlighted(self) -> None:
         row = self.current()
         if row is not None:
             text = Text(f"{row['site']}/{row['latent']}  ", style="bold")
             text.append(f"Δ-attr {number(row['delta_attr'])} · Δ-act {number(row['delta_act'])} "
                         f"(rank {row['act_rank']}) · exact {number(row['exact'])}\n")
             text.append("logit lens: " + " ".join(repr(t)[1:-1] for t in row["logit_lens"]))
-            self.query_one("#detail", Static).update(text)
+            self.show_detail(text)
 
     # -- actions on the selected latent --------------------------------------------------------
     @guarded
@@ -155,32 +136,32 @@ class AttributionScreen(Screen):
         row = self.current()
         if row is None or self.run is None:
             return
-        app, run_id, target = self.app, self.run["id"], (row["site"], row["latent"])
+        store, run_id, target = self.store, self.run["id"], (row["site"], row["latent"])
 
         def job(ctx):  # type: ignore[no-untyped-def]
             from auditui.engine.attribution import check_latents
 
-            check_latents(app.engine(ctx), app.store, run_id, [target], on_progress=ctx.progress,  # type: ignore[attr-defined]
+            check_latents(self.engine(ctx), store, run_id, [target], on_progress=ctx.progress,
                           should_stop=ctx.should_stop)
-            return app.store.run(run_id)  # type: ignore[attr-defined]
+            return store.run(run_id)
 
-        self.app.submit(f"exact check {target[0]}/{target[1]}", job, on_done=self.show_run)  # type: ignore[attr-defined]
+        self.submit(f"exact check {target[0]}/{target[1]}", job, on_done=self.show_run)
 
     @guarded
     def action_view(self) -> None:
         row = self.current()
         if row is None:
             return
-        app, session_id = self.app, self.session_id
+        store, session_id = self.store, self.session_id
 
         def job(ctx):  # type: ignore[no-untyped-def]
             from auditui.engine.labels import top_snippets
             from auditui.engine.sites import Site
 
-            return top_snippets(app.engine(ctx), app.store, session_id, Site.parse(row["site"]), row["latent"])  # type: ignore[attr-defined]
+            return top_snippets(self.engine(ctx), store, session_id, Site.parse(row["site"]), row["latent"])
 
         label = f"{row['site']}/{row['latent']}"
-        self.app.submit(f"snippets {label}", job, on_done=lambda snippets: self.show_snippets(label, snippets))  # type: ignore[attr-defined]
+        self.submit(f"snippets {label}", job, on_done=lambda snippets: self.show_snippets(label, snippets))
 
     def show_snippets(self, label: str, snippets: list[dict]) -> None:
         theme = self.app.current_theme
@@ -196,7 +177,7 @@ class AttributionScreen(Screen):
             text.append("\n")
         if not snippets:
             text.append("it is not active on any of the session's texts")
-        self.query_one("#detail", Static).update(text)
+        self.show_detail(text)
 
     def action_flow(self) -> None:
         row = self.current()

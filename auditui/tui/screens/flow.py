@@ -9,18 +9,14 @@ graph on the current node, `d` switches backward/forward/both, `x` runs the deac
 from __future__ import annotations
 
 from rich.text import Text
-from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
-from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
 
 from auditui.errors import AuditError
-from auditui.tui.screens.dialogs import AskForm
-from auditui.tui.widgets.params import ParamRow, parse_number
-from auditui.tui.widgets.summary import summary_text
 from auditui.tui.guard import guarded
-from auditui.tui.widgets.status import StatusBar
+from auditui.tui.screens.base import StepScreen
+from auditui.tui.screens.dialogs import AskForm
+from auditui.tui.widgets.params import parse_number
+from auditui.tui.widgets.summary import summary_text
 
 DIRECTIONS = ("both", "backward", "forward")
 
@@ -33,7 +29,7 @@ def tokens(label: list[str] | None, n: int = 4) -> str:
     return " ".join(repr(tok)[1:-1] for tok in (label or [])[:n])
 
 
-class FlowScreen(Screen):
+class FlowScreen(StepScreen):
     HELP = ("Rows are the residual nodes of the flow graph, layer by layer. s^R/s^M/s^A: best decoder "
             "cosine with the previous residual, the MLP-out and the attention-out SAEs. The graph is cut "
             "where s^R < t_R; module predecessors below t_M are dropped. Every graph is saved as a run.")
@@ -47,29 +43,19 @@ class FlowScreen(Screen):
         Binding("b", "app.pop_screen", "Back"),
     ]
 
+    TABLE_ID = "layers"
+
     def __init__(self, session_id: int, feature: str = ""):
-        super().__init__()
-        self.session_id, self.feature = session_id, feature
+        super().__init__(session_id)
+        self.feature = feature
         self.graph: dict | None = None
-        self.rows: list[dict] = []
 
-    @property
-    def store(self):  # type: ignore[no-untyped-def]
-        return self.app.store  # type: ignore[attr-defined]
-
-    def compose(self) -> ComposeResult:
-        yield Header()
-        yield ParamRow([("feature", self.feature, 20), ("k", "1", 2), ("dir", "both", 8), ("t_R", "0.5", 4),
-                        ("t_M", "0.15", 4)])
-        yield DataTable(cursor_type="row", id="layers")
-        with VerticalScroll(id="detail-box"):
-            yield Static(id="detail")
-        yield StatusBar()
-        yield Footer()
+    def params(self) -> list[tuple[str, str, int]]:
+        return [("feature", self.feature, 20), ("k", "1", 2), ("dir", "both", 8), ("t_R", "0.5", 4), ("t_M", "0.15", 4)]
 
     def on_mount(self) -> None:
         self.title = "flow"
-        self.query_one("#layers", DataTable).add_columns("layer", "feature", "class", "s^R", "s^M", "s^A", "tokens")
+        self.table.add_columns("layer", "feature", "class", "s^R", "s^M", "s^A", "tokens")
         if self.feature:
             self.action_build()
         else:
@@ -77,7 +63,7 @@ class FlowScreen(Screen):
 
     # -- building ------------------------------------------------------------------------------
     def request(self) -> dict:
-        value = self.query_one(ParamRow).values()
+        value = self.param_values()
         if not value["feature"]:
             raise AuditError("type a feature as LAYER/KIND/INDEX, e.g. 12/resid_post/1234")
         if value["dir"] not in DIRECTIONS:
@@ -91,27 +77,23 @@ class FlowScreen(Screen):
 
     @guarded
     def action_build(self) -> None:
-        try:
-            req = self.request()
-        except AuditError as exc:
-            self.notify(str(exc), severity="error", markup=False)
-            return
-        app, session_id = self.app, self.session_id
+        req = self.request()
+        store, session_id = self.store, self.session_id
 
         def job(ctx):  # type: ignore[no-untyped-def]
             from auditui.engine.flow import Thresholds, build_flow_graph, layer_rows, store_flow_graph
 
-            graph = build_flow_graph(app.engine(ctx), req["feature"], k=req["k"], direction=req["direction"],  # type: ignore[attr-defined]
+            graph = build_flow_graph(self.engine(ctx), req["feature"], k=req["k"], direction=req["direction"],
                                      thresholds=Thresholds(cut=req["cut"], module=req["module"]))
-            store_flow_graph(app.store, session_id, graph)  # type: ignore[attr-defined]
+            store_flow_graph(store, session_id, graph)
             return graph.to_dict(), layer_rows(graph)
 
-        self.app.submit(f"flow {req['feature']}", job, on_done=self.show_graph)  # type: ignore[attr-defined]
+        self.submit(f"flow {req['feature']}", job, on_done=self.show_graph)
 
     def show_graph(self, result: tuple[dict, list[dict]]) -> None:
         self.graph, layers = result
         self.rows = [node for layer in layers for node in layer["residual"]]
-        table = self.query_one("#layers", DataTable)
+        table = self.table
         table.clear()
         for node in self.rows:
             scores = node.get("scores") or {}
@@ -124,19 +106,13 @@ class FlowScreen(Screen):
             table.move_cursor(row=table.get_row_index(root))
         table.focus()
 
-    def current(self) -> dict | None:
-        table = self.query_one("#layers", DataTable)
-        if not self.rows or table.row_count == 0:
-            return None
-        return self.rows[table.cursor_row]
-
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+    def on_data_table_row_highlighted(self) -> None:
         node = self.current()
         if node is not None:
-            self.query_one("#detail", Static).update(node_detail(node))
+            self.show_detail(node_detail(node))
 
     # -- actions -------------------------------------------------------------------------------
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_data_table_row_selected(self) -> None:
         self.action_reroot()
 
     def action_reroot(self) -> None:
@@ -188,30 +164,23 @@ class FlowScreen(Screen):
     def _deactivate(self, feature: str, answer: dict[str, str] | None) -> None:
         if not answer:
             return
-        try:
-            values = list(answer.values())
-            text, token = values[0], int(parse_number(values[1], int, "token", -10**6, 10**6))
-            r = float(parse_number(values[2], float, "r", -100, 100))
-        except AuditError as exc:
-            self.notify(str(exc), severity="error", markup=False)
-            return
-        app, session_id = self.app, self.session_id
+        values = list(answer.values())
+        text, token = values[0], int(parse_number(values[1], int, "token", -10**6, 10**6))
+        r = float(parse_number(values[2], float, "r", -100, 100))
+        store, session_id = self.store, self.session_id
 
         def job(ctx):  # type: ignore[no-untyped-def]
             from auditui.engine.deactivation import deactivation_summary, deactivation_test
             from auditui.engine.flow import store_run, text_ids
 
-            engine = app.engine(ctx)  # type: ignore[attr-defined]
+            engine = self.engine(ctx)
             result = deactivation_test(engine, feature, text_ids(engine.lm, text), token, r=r)
             summary = deactivation_summary(result)
-            store_run(app.store, session_id, "deactivation",  # type: ignore[attr-defined]
-                      {"feature": feature, "token": token, "r": r, "text": text}, result, summary)
+            store_run(store, session_id, "deactivation", {"feature": feature, "token": token, "r": r, "text": text},
+                      result, summary)
             return summary
 
-        self.app.submit(f"deactivate {feature}", job, on_done=self.show_summary)  # type: ignore[attr-defined]
-
-    def show_summary(self, summary: dict) -> None:
-        self.query_one("#detail", Static).update(summary_text(summary))
+        self.submit(f"deactivate {feature}", job, on_done=lambda summary: self.show_detail(summary_text(summary)))
 
 
 def node_detail(node: dict) -> Text:

@@ -6,11 +6,11 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
 from auditui.errors import AuditError
 from auditui.tui.widgets.params import ParamRow, parse_number
+from auditui.tui.screens.base import AuditScreen
 from auditui.tui.guard import guarded
 from auditui.tui.widgets.status import StatusBar
 
@@ -22,7 +22,7 @@ def one_line(text: str, width: int = 200) -> Text:
     return Text(flat[:width] + ("…" if len(flat) > width else ""))
 
 
-class SamplesScreen(Screen):
+class SamplesScreen(AuditScreen):
     HELP = ("Enter in the prompt samples N completions (batched, seeded). In the completions table: "
             "+ positive (shows the behaviour), - negative, 0 unlabelled. A prompt with both labels is a pair.")
     BINDINGS = [
@@ -40,10 +40,6 @@ class SamplesScreen(Screen):
         super().__init__()
         self.session_id = session_id
         self.prompt_id: int | None = None
-
-    @property
-    def store(self):  # type: ignore[no-untyped-def]
-        return self.app.store  # type: ignore[attr-defined]
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -154,19 +150,14 @@ class SamplesScreen(Screen):
 
     @guarded
     def action_sample(self) -> None:
-        try:
-            prompt, n, params, seed = self.sampling_request()
-        except AuditError as exc:
-            self.notify(str(exc), severity="error", markup=False)
-            return
-        app = self.app
-        session_id = self.session_id
+        prompt, n, params, seed = self.sampling_request()
+        store, session_id = self.store, self.session_id
 
         def job(ctx):  # type: ignore[no-untyped-def]
             from auditui.engine.sampling import sample_into_session
 
-            engine = app.engine(ctx)  # type: ignore[attr-defined]
-            return sample_into_session(app.store, engine.lm, session_id, prompt, n, params, seed=seed,  # type: ignore[attr-defined]
+            engine = self.engine(ctx)
+            return sample_into_session(store, engine.lm, session_id, prompt, n, params, seed=seed,
                                        on_progress=lambda done, total: ctx.progress(done, total, f"{done}/{total} tokens"),
                                        should_stop=ctx.should_stop, pack_id=engine.pack_id)
 
@@ -175,7 +166,7 @@ class SamplesScreen(Screen):
             self.query_one("#completions", DataTable).focus()
             self.notify(f"{len(result[1])} completions sampled", timeout=3)
 
-        self.app.submit(f"sample {n}", job, on_done=done, on_error=lambda _e: self.refresh_prompts())  # type: ignore[attr-defined]
+        self.submit(f"sample {n}", job, on_done=done, on_error=lambda _e: self.refresh_prompts())
 
     @guarded
     def action_label(self, label: str) -> None:

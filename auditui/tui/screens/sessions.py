@@ -7,11 +7,11 @@ import time
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from auditui.errors import AuditError
 from auditui.tui.screens.dialogs import AskForm, Confirm
+from auditui.tui.screens.base import AuditScreen
 from auditui.tui.guard import guard_call, guarded
 from auditui.tui.widgets.status import StatusBar
 
@@ -20,7 +20,7 @@ def when(timestamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp)) if timestamp else ""
 
 
-class SessionsScreen(Screen):
+class SessionsScreen(AuditScreen):
     HELP = "A session keeps prompts, completions, labels and every run. All of it is saved as you act."
     BINDINGS = [
         Binding("n", "new", "New"),
@@ -47,10 +47,6 @@ class SessionsScreen(Screen):
     @guarded
     def on_screen_resume(self) -> None:
         self.refresh_rows()
-
-    @property
-    def store(self):  # type: ignore[no-untyped-def]
-        return self.app.store  # type: ignore[attr-defined]
 
     @guarded
     def refresh_rows(self, select: int | None = None) -> None:
@@ -135,11 +131,11 @@ class SessionsScreen(Screen):
             export_reports(self, session_id)
 
 
-def export_reports(screen: Screen, session_id: int) -> None:
+def export_reports(screen: AuditScreen, session_id: int) -> None:
     """Write the session's report as Markdown, HTML and JSON next to the database."""
     from auditui.store.reports import render_report
 
-    store = screen.app.store  # type: ignore[attr-defined]
+    store = screen.store
     written = []
     try:
         for fmt in ("md", "html", "json"):

@@ -1,0 +1,69 @@
+"""Base screens: the app's store and engine queue at hand, and the layout of a mission-step screen."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from auditui.tui.widgets.params import ParamRow
+from auditui.tui.widgets.status import StatusBar
+
+
+class AuditScreen(Screen):
+    @property
+    def store(self) -> Any:
+        return self.app.store  # type: ignore[attr-defined]
+
+    def submit(self, title: str, fn: Callable[[Any], Any], on_done: Callable[[Any], None] | None = None,
+               on_error: Callable[[str], None] | None = None) -> Any:
+        """Queue engine work (see AuditApp.submit): `fn(ctx)` on the engine thread, callbacks here."""
+        return self.app.submit(title, fn, on_done=on_done, on_error=on_error)  # type: ignore[attr-defined]
+
+    def engine(self, ctx: Any) -> Any:
+        """The loaded Engine, inside a job."""
+        return ctx.state["engine"]
+
+
+class StepScreen(AuditScreen):
+    """A row of parameters, a table of results (one row per `self.rows` entry), a detail pane."""
+
+    TABLE_ID = "results"
+
+    def __init__(self, session_id: int):
+        super().__init__()
+        self.session_id = session_id
+        self.rows: list[dict] = []
+
+    def params(self) -> list[tuple[str, str, int]]:
+        """(name, default, width) of the parameter inputs."""
+        raise NotImplementedError
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield ParamRow(self.params())
+        yield DataTable(cursor_type="row", id=self.TABLE_ID)
+        with VerticalScroll(id="detail-box"):
+            yield Static(id="detail")
+        yield StatusBar()
+        yield Footer()
+
+    @property
+    def table(self) -> DataTable:
+        return self.query_one(f"#{self.TABLE_ID}", DataTable)
+
+    def param_values(self) -> dict[str, str]:
+        return self.query_one(ParamRow).values()
+
+    def current(self) -> dict | None:
+        """The `rows` entry under the table cursor."""
+        table = self.table
+        return self.rows[table.cursor_row] if self.rows and table.row_count else None
+
+    def show_detail(self, text: Text) -> None:
+        self.query_one("#detail", Static).update(text)
