@@ -65,7 +65,8 @@ def test_json_report_holds_everything_literally(session):
     assert data["pairs"] == [{"prompt_id": prompt_id, "positive": [ids[0]], "negative": [ids[1]]}]
     runs = {r["kind"]: r for r in data["runs"]}
     assert runs["attribution"]["summary"]["table"]["rows"][0] == [17, 0.123456, "[/INST]|x"]
-    assert runs["attribution"]["params"] == {"site": "2/resid_post", "k": 5} and "result" not in runs["attribution"]
+    assert runs["attribution"]["params"] == {"site": "2/resid_post", "k": 5}
+    assert runs["attribution"]["result"] == store.run(runs["attribution"]["id"])["result"]  # JSON keeps results
     assert runs["flow"]["status"] == "cancelled" and runs["flow"]["error"] == "cancelled by the user"
     assert data["features"][0]["latent"] == 17
 

@@ -1,7 +1,8 @@
 """Export a session as Markdown, HTML or JSON: prompts, completions, labels, pairs, features and runs.
 
 Runs are rendered generically from their `summary` ({"headline", "table": {"columns", "rows"},
-"notes"}), params and status, so every later step appears without code here. The document is
+"notes"}), params and status, so every later step appears without code here; the JSON export also
+carries each run's full result (ranked latents, graphs ...) for scripts. The document is
 first built as a list of blocks; the HTML writer escapes every piece of text it emits, and the
 Markdown writer puts model text in code fences long enough to keep it literal.
 """
@@ -23,12 +24,12 @@ FORMATS = ("md", "html", "json")
 Block = tuple
 
 
-def session_data(store: Store, session_id: int) -> dict:
-    """Everything a report shows, as plain JSON-ready data (run results stay in the database)."""
+def session_data(store: Store, session_id: int, results: bool = False) -> dict:
+    """Everything a report shows, as plain JSON-ready data (run results only with `results`)."""
     completions = store.completions(session_id)
     prompts = [{**prompt, "completions": [c for c in completions if c["prompt_id"] == prompt["id"]]}
                for prompt in store.prompts(session_id)]
-    runs = [{key: value for key, value in run.items() if key != "result"} for run in store.runs(session_id)]
+    runs = [{key: value for key, value in run.items() if results or key != "result"} for run in store.runs(session_id)]
     return {"session": store.session(session_id), "prompts": prompts, "pairs": store.pairs(session_id),
             "features": store.features(session_id), "runs": runs}
 
@@ -175,7 +176,7 @@ def render_report(store: Store, session_id: int, fmt: str) -> str:
     """The session's report as Markdown (md), a standalone HTML page (html) or JSON (json)."""
     if fmt not in FORMATS:
         raise AuditError(f"unknown report format {fmt!r}; use one of {', '.join(FORMATS)}")
-    data = session_data(store, session_id)
+    data = session_data(store, session_id, results=fmt == "json")
     if fmt == "json":
         return json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
     blocks = report_blocks(data)
