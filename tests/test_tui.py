@@ -180,3 +180,19 @@ async def test_database_damaged_while_open_is_a_message(tmp_path, tiny_models):
         await pilot.pause()
         assert app.is_running
         assert any("no such table" in n.message for n in app._notifications)
+
+
+async def test_command_palette_offers_the_screen_keys(tmp_path, tiny_models):
+    app = AuditApp(settings_for(tmp_path, tiny_models["llama"]), load_engine=False)
+    async with app.run_test(size=SIZE) as pilot:
+        titles = [command.title for command in app.get_system_commands(app.screen)]
+        assert {"New", "Rename", "Delete", "Export", "Toggle light/dark theme"} <= set(titles)
+        await pilot.press("ctrl+p")
+        await pilot.press(*"New")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        await pilot.press(*"from palette", "enter")
+        await pilot.pause()
+        assert isinstance(app.screen, SamplesScreen)
+    assert Store(tmp_path / "s.db").sessions()[0]["name"] == "from palette"

@@ -9,6 +9,7 @@ functions inside jobs and render their results.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from textual.app import App, SystemCommand
@@ -161,6 +162,11 @@ class AuditApp(App):
         yield SystemCommand("Toggle light/dark theme", "Switch between the auditui themes", self.action_toggle_theme)
         yield SystemCommand("Cancel the running job", "Same as Escape", self.action_cancel_job)
         yield SystemCommand("Keys", "Show the keys of this screen (F1)", self.action_help)
+        for key, active in screen.active_bindings.items():  # every key of the screen, by name
+            binding = active.binding
+            if active.node is screen and binding.description:
+                yield SystemCommand(binding.description, f"key {binding.key_display or key}",
+                                    partial(screen.run_action, binding.action))
 
     def on_unmount(self) -> None:
         self.jobs.shutdown()
