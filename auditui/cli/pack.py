@@ -54,6 +54,7 @@ def build(name: NameArg = DEFAULT_PACK, model: ModelOpt = None, device: DeviceOp
           minutes: float | None = typer.Option(None, "--minutes", help="CPU training budget (0 = no limit)"),
           width: int | None = typer.Option(None, "--width", help="latents per SAE (d_sae)"),
           k: int | None = typer.Option(None, "--k", help="active latents per token (TopK)"),
+          batch: int | None = typer.Option(None, "--batch", help="tokens per SAE training step"),
           force: bool = typer.Option(False, "--force", help="rebuild even if the pack is complete"),
           as_json: JsonOpt = False) -> None:
     """Build (or resume) a pack: TopK SAEs on every resid/attn/mlp site, trained in one model pass."""
@@ -62,10 +63,10 @@ def build(name: NameArg = DEFAULT_PACK, model: ModelOpt = None, device: DeviceOp
     settings = settings_from(model=model, device=device, dtype=dtype)
     plan = quick_plan(name, settings.model) if quick else BuildPlan(name=name, model=settings.model)
     overrides = {"layers": parse_layers(layers) if layers else None, "train_tokens": tokens,
-                 "train_minutes": minutes, "d_sae": width, "k": k}
+                 "train_minutes": minutes, "d_sae": width, "k": k, "batch_tokens": batch}
     plan = replace(plan, **{key: value for key, value in overrides.items() if value is not None})
-    if plan.train_tokens < plan.batch_tokens or plan.d_sae < 1 or plan.k < 1 or plan.k > plan.d_sae:
-        raise AuditError(f"need --tokens >= {plan.batch_tokens} and 1 <= --k <= --width")
+    if plan.batch_tokens < 1 or plan.train_tokens < plan.batch_tokens or not 1 <= plan.k <= plan.d_sae:
+        raise AuditError("need 1 <= --batch <= --tokens and 1 <= --k <= --width")
     bars, progress = _bar()
     with bars:
         path = build_pack(plan, settings.cache_path, settings.device, settings.dtype, progress, force=force)
@@ -104,7 +105,7 @@ def _print_info(data: dict) -> None:
     console.print(table)
     corpus = data["corpus"]
     if corpus:
-        parts = ", ".join(f"{name} {entry.get('train_tokens', 0):,}" for name, entry in corpus.items())
+        parts = ", ".join(f"{name} {entry.get('train_tokens_used', 0):,}" for name, entry in corpus.items())
         console.print(f"corpus (training tokens): {parts}", markup=False)
 
 
