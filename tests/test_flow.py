@@ -308,3 +308,28 @@ def test_exports_and_stored_run(planted, loaded, tmp_path):
     assert run["kind"] == "flow" and run["status"] == "done" and run["params"]["root"] == "2/resid_post/5"
     assert FlowGraph.from_dict(run["result"]).to_dict() == graph.to_dict()
     assert run["summary"]["table"]["columns"][:3] == ["layer", "residual", "class"]
+
+
+@pytest.mark.slow
+def test_smollm2_demo_pack_graph_matches_numpy(smollm2, smollm2_cache, tmp_path):
+    """On the real model: the demo pack when it is built, else random SAEs on layers 12-14."""
+    from auditui.config import load_settings as settings_for
+    from auditui.engine.saes import resolve_pack_dir
+
+    try:
+        pack = resolve_pack_dir("demo", settings_for().cache_path)
+    except AuditError:
+        sites = [Site(layer, kind) for layer in (12, 13, 14) for kind in ("resid_post", "mlp_out", "attn_out")]
+        pack = build_tiny_pack(Path(smollm2.source), tmp_path / "pack", d_sae=1024, sites=sites)
+    engine = make_engine(smollm2, [pack], tmp_path)
+    dec = unit_decoders(pack)
+    s_r = (dec["14/resid_post"] @ dec["13/resid_post"].T).max(axis=1)  # [d_sae]
+    root = int(np.argmax(s_r))
+    graph = build_flow_graph(engine, f"14/resid_post/{root}", direction="backward", label_tokens=3)
+    node = graph.nodes[f"14/resid_post/{root}"]
+    assert math.isclose(node.scores["R"], float(s_r[root]), abs_tol=1e-5)
+    for module, site in (("M", "14/mlp_out"), ("A", "14/attn_out")):
+        assert math.isclose(node.scores[module], float((dec[site] @ dec["14/resid_post"][root]).max()), abs_tol=1e-5)
+    if s_r[root] >= 0.5:
+        previous = int(np.argmax(dec["13/resid_post"] @ dec["14/resid_post"][root]))
+        assert f"13/resid_post/{previous}" in graph.nodes and node.label
