@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from auditui.engine.model import file_digest
 from auditui.engine.sites import Site, site_from_hook_name
 from auditui.errors import AuditError
 
@@ -63,11 +64,8 @@ class PackInfo:
 
 
 def weights_digest(sae_dir: Path) -> str:
-    digest = hashlib.sha256()
-    with (sae_dir / WEIGHTS).open("rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a saved SAE's weights file."""
+    return file_digest(sae_dir / WEIGHTS)
 
 
 def read_cfg(sae_dir: Path) -> dict:
@@ -264,7 +262,9 @@ class SAEBank:
                 raise AuditError(f"SAE {source.label} reads {site}, but {lm.model_id} has {lm.n_layers} layers")
             if source.path is not None:
                 d_in = read_cfg(source.path).get("d_in")
-                self._check_width(site, int(d_in), source.label, lm)
+                if not isinstance(d_in, int):
+                    raise AuditError(f"{source.path}/cfg.json has no integer d_in")
+                self._check_width(site, d_in, source.label, lm)
         if self.pack and self.pack.model_id and self.pack.model_id != lm.model_id:
             self.warnings.append(f"pack {self.pack.name} was built for {self.pack.model_id}, "
                                  f"not {lm.model_id}")

@@ -223,14 +223,10 @@ class Store:
         if prompt_id is not None:
             where.append("c.prompt_id = ?")
             args.append(prompt_id)
-        sql = ("SELECT c.*, COALESCE(l.label, 'unlabelled') AS label, l.labeller FROM completions c "
-               "LEFT JOIN labels l ON l.completion_id = c.id"
-               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY c.id")
-        return [{**row, "token_ids": _loads(row["token_ids"]), "params": _loads(row["params"])}
-                for row in self.db.query(sql, args)]
+        return self._completion_rows(" AND ".join(where), args)
 
     def completion(self, completion_id: int) -> dict:
-        rows = [c for c in self.completions_by_ids([completion_id])]
+        rows = self.completions_by_ids([completion_id])
         if not rows:
             raise AuditError(f"no completion {completion_id}")
         return rows[0]
@@ -238,11 +234,14 @@ class Store:
     def completions_by_ids(self, ids: list[int]) -> list[dict]:
         if not ids:
             return []
-        marks = ",".join("?" * len(ids))
+        return self._completion_rows(f"c.id IN ({','.join('?' * len(ids))})", list(ids))
+
+    def _completion_rows(self, where: str, args: list[Any]) -> list[dict]:
+        """Completions (with their label) matching an SQL condition on `c`, decoded, by id."""
         sql = ("SELECT c.*, COALESCE(l.label, 'unlabelled') AS label, l.labeller FROM completions c "
-               f"LEFT JOIN labels l ON l.completion_id = c.id WHERE c.id IN ({marks}) ORDER BY c.id")
+               "LEFT JOIN labels l ON l.completion_id = c.id" + (f" WHERE {where}" if where else "") + " ORDER BY c.id")
         return [{**row, "token_ids": _loads(row["token_ids"]), "params": _loads(row["params"])}
-                for row in self.db.query(sql, ids)]
+                for row in self.db.query(sql, args)]
 
     def set_label(self, completion_id: int, label: str, labeller: str = "user") -> None:
         aliases = {"pos": "positive", "+": "positive", "neg": "negative", "-": "negative",
@@ -258,14 +257,15 @@ class Store:
 
     def pairs(self, session_id: int) -> list[dict]:
         """Prompts with both labels: {prompt_id, positive: [completion ids], negative: [...]}."""
-        out = []
-        for row in self.db.query("SELECT prompt_id FROM pairs WHERE session_id = ? ORDER BY prompt_id",
-                                 [session_id]):
-            comps = self.completions(prompt_id=row["prompt_id"])
-            out.append({"prompt_id": row["prompt_id"],
-                        "positive": [c["id"] for c in comps if c["label"] == "positive"],
-                        "negative": [c["id"] for c in comps if c["label"] == "negative"]})
-        return out
+        pairs: dict[int, dict] = {}
+        for row in self.db.query("""
+                SELECT c.prompt_id, c.id, l.label FROM completions c JOIN labels l ON l.completion_id = c.id
+                WHERE c.prompt_id IN (SELECT prompt_id FROM pairs WHERE session_id = ?)
+                  AND l.label IN ('positive', 'negative')
+                ORDER BY c.prompt_id, c.id""", [session_id]):
+            pair = pairs.setdefault(row["prompt_id"], {"prompt_id": row["prompt_id"], "positive": [], "negative": []})
+            pair[row["label"]].append(row["id"])
+        return list(pairs.values())
 
     # -- runs (results of attribution, flow, steering, heads, judge ...) -----------------------
     def start_run(self, session_id: int, kind: str, params: dict) -> int:
