@@ -39,7 +39,7 @@ TINY_SOURCES = (
 
 
 def tiny_plan(name: str = "tiny", **overrides) -> BuildPlan:
-    values = dict(name=name, d_sae=64, k=4, lr=5e-3, train_tokens=3072, train_minutes=0, held_out_tokens=512,
+    values = dict(name=name, d_sae=64, k=4, lr=5e-3, train_tokens=3072, build_minutes=0, held_out_tokens=512,
                   ce_sequences=2, seq_len=64, seqs_per_forward=4, batch_tokens=512, chat_fraction=0.3)
     values.update(overrides)
     return BuildPlan(**values)
@@ -294,10 +294,11 @@ def test_a_changed_plan_restarts_the_work_folder(tiny_models, tmp_path):
 
 def test_time_budget_lowers_the_token_target(tiny_models, tmp_path):
     plan = tiny_plan("budget", model=str(tiny_models["llama"]), layers=(0,), train_tokens=50_000,
-                     train_minutes=0.0005)
+                     build_minutes=0.0005, eval_minutes=0)
     path = build_pack(plan, tmp_path, "cpu", "float32", sources=TINY_SOURCES)
     training = json.loads((path / "pack.json").read_text())["training"]
     assert 4 * 512 <= training["tokens_per_sae"] < 50_000
+    assert training["budget_seconds"] == 1.0 and training["train_seconds"] < 10
 
 
 # -- CLI ---------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def build(name: NameArg = DEFAULT_PACK, model: ModelOpt = None, device: DeviceOp
           quick: bool = typer.Option(False, "--quick", help="a small build of a block of layers (tests, trials)"),
           layers: str | None = typer.Option(None, "--layers", help="contiguous block A-B (default: all; --quick: 12-13)"),
           tokens: int | None = typer.Option(None, "--tokens", help="training tokens per SAE (upper bound)"),
-          minutes: float | None = typer.Option(None, "--minutes", help="CPU training budget (0 = no limit)"),
+          minutes: float | None = typer.Option(None, "--minutes", help="wall-clock budget of a CPU build (0 = no limit)"),
           width: int | None = typer.Option(None, "--width", help="latents per SAE (d_sae)"),
           k: int | None = typer.Option(None, "--k", help="active latents per token (TopK)"),
           batch: int | None = typer.Option(None, "--batch", help="tokens per SAE training step"),
@@ -63,7 +63,7 @@ def build(name: NameArg = DEFAULT_PACK, model: ModelOpt = None, device: DeviceOp
     settings = settings_from(model=model, device=device, dtype=dtype)
     plan = quick_plan(name, settings.model) if quick else BuildPlan(name=name, model=settings.model)
     overrides = {"layers": parse_layers(layers) if layers else None, "train_tokens": tokens,
-                 "train_minutes": minutes, "d_sae": width, "k": k, "batch_tokens": batch}
+                 "build_minutes": minutes, "d_sae": width, "k": k, "batch_tokens": batch}
     plan = replace(plan, **{key: value for key, value in overrides.items() if value is not None})
     if plan.batch_tokens < 1 or plan.train_tokens < plan.batch_tokens or not 1 <= plan.k <= plan.d_sae:
         raise AuditError("need 1 <= --batch <= --tokens and 1 <= --k <= --width")
