@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import labelled_session
+from scipy.stats import spearmanr
 
 from auditui.config import Settings
 from auditui.engine import Engine
@@ -113,7 +114,7 @@ def test_all_latents_at_once_equal_a_per_latent_loop(family, site_texts, engine_
                 assert expected.abs().max() > 1e-4, "vacuous: no attribution at all"
                 attr, act = scores[site]
                 torch.testing.assert_close(attr[row, latents].double(), expected, rtol=1e-3, atol=1e-6)
-                act_span = list(SPANS["completion"](seq.n_prompt, len(seq)))  # Δ-act: completion positions
+                act_span = list(range(seq.n_prompt, len(seq)))  # Δ-act: every completion token
                 codes = sae.encode(hooks.acts[site][0, act_span]).mean(dim=0)
                 torch.testing.assert_close(act[row], codes, rtol=1e-4, atol=1e-5)
 
@@ -193,6 +194,55 @@ def test_delta_attribution_is_antisymmetric_in_the_labels(engine_for, store):
     assert [r["latent"] for r in rows] == before["2/resid_post|attr"].argsort()[:10].tolist()
 
 
+UNEVEN = [  # 2 positive + 1 negative, then 1 positive + 3 negative; the rest is outside every pair
+    ("Is the sky blue?", [("Yes, it is.", "positive"), ("Sure thing", "positive"), ("No way!", "negative"),
+                          ("Maybe", "unlabelled")]),
+    ("Tell me a joke", [("No.", "positive"), ("Why did the chicken", "negative"), ("Knock knock", "negative"),
+                        ("Not now", "negative")]),
+    ("Say something nice", [("You are great", "positive")]),
+]
+
+
+def test_delta_weights_each_prompt_equally_with_uneven_label_counts(engine_for, store):
+    """Δ by hand from one completion at a time: mean within each label per prompt, positive minus
+    negative, then the mean over the prompts that have both labels."""
+    engine = engine_for("llama")
+    sites = [Site(1, "mlp_out"), Site(2, "resid_post")]
+    session_id = labelled_session(store, engine.lm, UNEVEN)
+    run_id = run_attribution(engine, store, session_id, sites, top_k=5, positions="all", batch_size=3)
+    means = reference_means(engine, store, session_id, sites).means  # the run's stored ā
+    per_prompt, pooled = [], {"positive": [], "negative": []}
+    for prompt in store.prompts(session_id):
+        scores: dict[str, list] = {"positive": [], "negative": []}
+        for c in store.completions(prompt_id=prompt["id"]):
+            if c["label"] in scores:
+                seq = TokenSeq(ids=tuple(prompt["prompt_ids"] + c["token_ids"]), n_prompt=len(prompt["prompt_ids"]),
+                               completion_id=c["id"])
+                one = attribute_batch(engine, [seq], sites, means, "all")
+                scores[c["label"]].append({(site, i): one[site][i][0] for site in sites for i in (0, 1)})
+        if scores["positive"] and scores["negative"]:
+            per_prompt.append({key: torch.stack([s[key] for s in scores["positive"]]).mean(0)
+                               - torch.stack([s[key] for s in scores["negative"]]).mean(0)
+                               for key in scores["positive"][0]})
+            for label in pooled:
+                pooled[label] += scores[label]
+    assert [len(pooled["positive"]), len(pooled["negative"])] == [3, 4]
+    got = run_deltas(store, run_id)
+    for site in sites:
+        for i, name in enumerate(("attr", "act")):
+            expected = torch.stack([d[(site, i)] for d in per_prompt]).mean(0)  # [d_sae]
+            assert expected.abs().max() > 1e-4, (site, name)
+            torch.testing.assert_close(got[f"{site}|{name}"], expected, rtol=1e-4, atol=1e-6)
+            by_completion = (torch.stack([s[(site, i)] for s in pooled["positive"]]).mean(0)
+                             - torch.stack([s[(site, i)] for s in pooled["negative"]]).mean(0))
+            assert (by_completion - expected).abs().max() > 1e-3 * expected.abs().max()  # weighting matters
+    weights = {int(k): v for k, v in store.run(run_id)["result"]["weights"].items()}
+    ids = {c["text"]: c["id"] for c in store.completions(session_id=session_id)}
+    assert weights == pytest.approx({ids["Yes, it is."]: 1 / 4, ids["Sure thing"]: 1 / 4, ids["No way!"]: -1 / 2,
+                                     ids["No."]: 1 / 2, ids["Why did the chicken"]: -1 / 6,
+                                     ids["Knock knock"]: -1 / 6, ids["Not now"]: -1 / 6})
+
+
 def test_pairs_without_both_labels_are_refused(engine_for, store):
     engine = engine_for("llama")
     only_positive = [("Is the sky blue?", [("Yes", "positive"), ("No", "unlabelled")]),
@@ -267,13 +317,16 @@ def test_check_latents_beyond_the_top_k_and_spearman(engine_for, store):
     site = Site(2, "resid_post")
     run_id = run_attribution(engine, store, session_id, [site], top_k=3, positions="all")
     attr = run_deltas(store, run_id)["2/resid_post|attr"]
-    far = int(attr.argsort()[0])  # the lowest Δ-attr latent
-    rows = check_latents(engine, store, run_id, [("2/resid_post", far), (site, 0)])
-    assert {r["latent"] for r in rows} == {far, 0} and all(r["exact"] is not None for r in rows)
+    order = attr.argsort()
+    far, top = int(order[0]), order[-3:].tolist()  # the lowest Δ-attr latent; the top 3 (in the stored rows)
+    rows = check_latents(engine, store, run_id, [("2/resid_post", far), *((site, i) for i in top)])
+    assert {r["latent"] for r in rows} == {far, *top} and all(r["exact"] is not None for r in rows)
     result = store.run(run_id)["result"]
     far_row = next(r for r in result["rows"] if r["latent"] == far)
     assert far_row["rank"] == attr.shape[0] and far_row["delta_attr"] == pytest.approx(float(attr[far]))
-    assert result["n_checked"] == 2 and abs(result["spearman"]) == pytest.approx(1.0)
+    expected = spearmanr([r["delta_attr"] for r in rows], [r["exact"] for r in rows]).statistic  # 4 points
+    assert result["n_checked"] == 4 and result["spearman"] == pytest.approx(expected)
+    assert result["sites"]["2/resid_post"]["spearman"] == pytest.approx(expected)
     assert "Spearman" in store.run(run_id)["summary"]["headline"]
     with pytest.raises(AuditError, match="did not attribute site 1/mlp_out"):
         check_latents(engine, store, run_id, [(Site(1, "mlp_out"), 0)])
@@ -286,6 +339,8 @@ def test_spearman_by_hand():
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     # ties: average ranks [1.5, 1.5, 3] vs [1, 2, 3] -> Pearson = 0.866...
     assert spearman([5, 5, 7], [1, 2, 3]) == pytest.approx(3 ** 0.5 / 2)
+    # ties on both sides, in reversed order: ranks [1, 2.5, 2.5, 4] against [4, 2.5, 2.5, 1]
+    assert spearman([1, 2, 2, 3], [9, 4, 4, 0]) == pytest.approx(-1.0)
     assert spearman([1.0], [2.0]) is None and spearman([1, 1], [1, 2]) is None
 
 

@@ -64,6 +64,11 @@ def test_flow_human_table_and_stored_run(tiny_models, tiny_packs, tmp_path):
     assert len(runs) == 1 and runs[0]["status"] == "done"
     assert runs[0]["result"]["root"] == "2/resid_post/7" and runs[0]["summary"]["headline"].startswith("flow graph")
     assert runs[0]["params"]["model"] == "tiny-qwen2"
+    damaged = tmp_path / "notes.db"
+    damaged.write_bytes(b"these are my notes, not a database\n" * 200)
+    bad = runner.invoke(app, flow_args(tiny_models, tiny_packs, "--feature", "2/resid_post/7", "--db", str(damaged)))
+    assert bad.exit_code == 2 and bad.stderr.splitlines()[-1].startswith(f"error: {damaged} is not a usable")
+    assert [line for line in bad.stderr.splitlines() if not line.startswith("...")] == [bad.stderr.splitlines()[-1]]
 
 
 def test_flow_errors_are_one_line(tiny_models, tiny_packs):
@@ -88,12 +93,22 @@ def test_flow_deactivate_json_and_tables(tiny_models, tiny_packs, tmp_path):
     with torch.no_grad(), SiteHooks(lm.model, reads=[site]) as hooks:
         lm.model(torch.tensor([ids]))
     latent = int(bank.sae(site).encode(hooks.acts[site][0, -1]).argmax())
+    db = tmp_path / "s.db"
+    session = Store(db).create_session("deactivations")
     result = runner.invoke(app, ["flow", "deactivate", "--model", str(tiny_models["qwen2"]), "--pack",
                                  str(tiny_packs["qwen2"]), "--feature", f"2/resid_post/{latent}", "--text", TEXT,
-                                 "--token", "-1", "--json"])
+                                 "--token", "-1", "--seed", "3", "--json", "--db", str(db)])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["active"] and data["token"] == len(ids) - 1 and data["z_old"] > 0
+    run = Store(db).run(data["run_id"])
+    assert run["kind"] == "deactivation" and run["session_id"] == session and run["result"]["rows"] == data["rows"]
+    assert run["params"] == {"model": "tiny-qwen2", "pack": bank.pack.name, "feature": f"2/resid_post/{latent}",
+                             "text": TEXT, "chat": False, "token": len(ids) - 1, "r": 0.0, "seed": 3}
+    graph = runner.invoke(app, flow_args(tiny_models, tiny_packs, "--feature", f"2/resid_post/{latent}", "--save",
+                                         "--db", str(db), "--json"))
+    flow_params = Store(db).run(json.loads(graph.stdout)["run_id"])["params"]
+    assert {key: flow_params[key] for key in ("model", "pack")} == {"model": "tiny-qwen2", "pack": bank.pack.name}
     assert {row["method"] for row in data["rows"]} == {"top1", "top5", "random"}
     assert all(abs(row["change"] - (1 - row["z_new"] / data["z_old"])) < 1e-9 for row in data["rows"])
     bad = runner.invoke(app, ["flow", "deactivate", "--model", str(tiny_models["qwen2"]), "--pack",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -71,3 +72,38 @@ def test_every_command_has_help():
                  ["flow"], ["flow", "deactivate"], ["pack"]):
         result = runner.invoke(app, [*args, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.stdout, (args, result.output)
+
+
+INTERRUPTIBLE = """
+import signal, sys, typer
+from auditui.cli import AuditGroup
+
+app = typer.Typer(cls=AuditGroup)
+
+@app.command()
+def wait() -> None:
+    print("ready", flush=True)
+    signal.pause()
+
+@app.command()
+def eof() -> None:
+    raise EOFError  # what typer turns into Abort (e.g. Ctrl-D at a prompt)
+
+app(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_and_abort_print_interrupted_and_exit_130(tmp_path):
+    script = tmp_path / "interruptible.py"
+    script.write_text(INTERRUPTIBLE)
+    proc = subprocess.Popen([sys.executable, str(script), "wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)  # a real Ctrl-C while the command runs
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and stderr == "interrupted\n", stderr
+    proc = subprocess.run([sys.executable, str(script), "eof"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr.strip() == "interrupted", proc.stderr

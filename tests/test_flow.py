@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,29 @@ def test_transition_tables_are_chunked_exact_and_cached_on_disk(tiny_models, tin
     other_pack = build_tiny_pack(tiny_models["llama"], tmp_path / "other", seed=5)
     other = make_engine(lm, [other_pack], tmp_path)
     assert TransitionCache(other.bank, tmp_path / "flow").path(src, dst, 5) != cache.path(src, dst, 5)
+
+
+def test_an_unwritable_table_cache_warns_once_and_keeps_tables_in_memory(tiny_packs, loaded, tmp_path):
+    engine = make_engine(loaded("llama"), [tiny_packs["llama"]], tmp_path)
+    dec = unit_decoders(tiny_packs["llama"])
+    blocked = tmp_path / "flow"
+    blocked.write_text("a file where the cache folder should be")  # mkdir fails as on a read-only disk
+    cache = TransitionCache(engine.bank, blocked)
+    src, dst, other = Site(2, "resid_post"), Site(1, "resid_post"), Site(0, "resid_post")
+    with pytest.warns(RuntimeWarning, match=f"cannot cache transition tables in {blocked}") as caught:
+        table = cache.table(src, dst)
+        cache.table(src, other)
+    assert len(caught) == 1 and not cache.writable
+    expected = np.argsort(-(dec["2/resid_post"] @ dec["1/resid_post"].T), axis=1)[:, :5]
+    np.testing.assert_array_equal(table.indices.numpy(), expected)
+    assert cache.cached(src, dst) is table and blocked.read_text().startswith("a file")
+    # a folder that exists but cannot take the file (here: a directory in the way of the temporary file)
+    folder = tmp_path / "full"
+    spare = TransitionCache(engine.bank, folder)
+    spare.path(src, dst, 5).with_suffix(f".{os.getpid()}.tmp").mkdir(parents=True)
+    with pytest.warns(RuntimeWarning, match="keeping them in memory"):
+        assert torch.equal(spare.table(src, dst).indices, table.indices)
+    assert not list(folder.glob("*.safetensors"))
 
 
 # -- a planted pack: known decoder geometry -------------------------------------------------------
@@ -303,9 +327,10 @@ def test_exports_and_stored_run(planted, loaded, tmp_path):
     assert mermaid.count(" -->|") == len(graph.edges) and all(node in mermaid for node in graph.nodes)
     store = Store(tmp_path / "s.db")
     session = store.create_session("flow")
-    run_id = store_flow_graph(store, session, graph)
+    run_id = store_flow_graph(store, session, graph, engine)
     run = store.run(run_id)
     assert run["kind"] == "flow" and run["status"] == "done" and run["params"]["root"] == "2/resid_post/5"
+    assert run["params"]["model"] == "tiny-llama" and run["params"]["pack"] == "planted"
     assert FlowGraph.from_dict(run["result"]).to_dict() == graph.to_dict()
     assert run["summary"]["table"]["columns"][:3] == ["layer", "residual", "class"]
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from helpers import labelled_session
 
 from auditui.config import Settings
 from auditui.engine import Engine
+from auditui.engine import labels
 from auditui.engine.labels import logit_lens, token_strings, top_snippets
+from auditui.engine.model import load_model
 from auditui.engine.saes import SAEBank
 from auditui.engine.sites import Site, SiteHooks
 from auditui.store.database import Store
@@ -35,6 +40,16 @@ def test_logit_lens_is_the_cosine_with_unembedding_rows_after_the_final_norm(fam
     for row in range(2):
         assert [tok for tok, _ in got[row]] == token_strings(lm, ids[row].tolist())
         torch.testing.assert_close(torch.tensor([v for _, v in got[row]]), values[row], rtol=1e-4, atol=1e-5)
+
+
+def test_the_unembedding_cache_lets_a_dropped_model_go(tiny_models):
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu", dtype="float32")
+    first = labels.unit_unembedding(lm)
+    assert labels.unit_unembedding(lm) is first and lm.model in labels._UNEMBED_CACHE
+    model, entries = weakref.ref(lm.model), len(labels._UNEMBED_CACHE)
+    del lm
+    gc.collect()
+    assert model() is None and len(labels._UNEMBED_CACHE) == entries - 1
 
 
 def test_token_strings_spell_the_text(loaded):

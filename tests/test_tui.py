@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import ast
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
+from platformdirs import user_data_dir
 from rich.control import strip_control_codes
 from textual.widgets import DataTable, Static
 
-from auditui.config import config_file, load_settings
+from auditui.config import REPO_ROOT, config_file, load_settings
 from auditui.store import Store
+from auditui.tui import themes
 from auditui.tui.app import AuditApp
 from auditui.tui.screens.dialogs import Help
 from auditui.tui.screens.samples import SamplesScreen
@@ -45,6 +52,8 @@ async def test_sample_label_quit_and_reopen(tmp_path, tiny_models):
         await pilot.press("n", *"audit one", "enter")
         await pilot.pause()
         assert isinstance(app.screen, SamplesScreen)
+        session = Store(settings.db).session(app.screen.session_id)
+        assert (session["model_id"], session["pack_id"]) == ("", "")  # the first sampling fills them
         for name, value in (("n", "4"), ("max", "8"), ("seed", "7")):
             app.screen.query_one(f"#param-{name}").value = value
         app.screen.query_one("#prompt").focus()
@@ -56,11 +65,19 @@ async def test_sample_label_quit_and_reopen(tmp_path, tiny_models):
         await pilot.press("plus", "plus", "minus", "minus")
         await pilot.pause()
         assert "pairs: 1" in str(app.screen.query_one("#pairs", Static).render())
-        assert [row[1] for row in cells(app.screen.query_one("#prompts", DataTable))] == ["Tell me a story"]
+        assert cells(app.screen.query_one("#prompts", DataTable))[0][1:] == ["Tell me a story", "2/2"]
+        assert [row[1] for row in cells(table)] == ["+", "+", "-", "-"] and table.cursor_row == 3
+        await pilot.press("0")  # the last row: the cursor stays, the detail shows the new label
+        await pilot.pause()
+        assert cells(app.screen.query_one("#prompts", DataTable))[0][2] == "2/1"
+        assert " · unlabelled · " in str(app.screen.query_one("#detail", Static).render())
+        await pilot.press("minus")
+        model_id = app.jobs.state["engine"].lm.model_id
         await pilot.press("ctrl+q")
     store = Store(settings.db)
     session_id = store.latest_session_id()
     assert store.session(session_id)["name"] == "audit one"
+    assert store.session(session_id)["model_id"] == model_id == "tiny-llama"  # not settings.model (a path)
     comps = store.completions(session_id)
     assert [c["label"] for c in comps] == ["positive", "positive", "negative", "negative"]
     assert [c["seed"] for c in comps] == [7, 8, 9, 10]
@@ -124,21 +141,33 @@ async def test_engine_error_keeps_the_app_alive(tmp_path):
 
 
 async def test_escape_cancels_sampling(tmp_path, tiny_models):
+    """Escape during the second batch: the first batch (8 completions) is already saved, no unfinished
+    completion is, later batches never start, and the user is told the job was cancelled."""
     settings = settings_for(tmp_path, tiny_models["gpt2"])
+    n, max_new = 64, 40
     app = AuditApp(settings)
     async with app.run_test(size=SIZE) as pilot:
         await wait_idle(app, pilot)
         await pilot.press("n", *"c", "enter")
-        for name, value in (("n", "64"), ("max", "400")):
+        for name, value in (("n", str(n)), ("max", str(max_new)), ("seed", "0")):
             app.screen.query_one(f"#param-{name}").value = value
         app.screen.query_one("#prompt").focus()
         await pilot.press(*"go", "enter")
-        while app.job_status is None:
-            await pilot.pause(0.05)
+        # progress counts n * max_new token steps; past 8 * max_new the second batch of 8 is running
+        while app.job_status is None or app.job_status[1] <= 8 * max_new:
+            await pilot.pause(0.02)
         await pilot.press("escape")
         await wait_idle(app, pilot)
         assert app.is_running
-    assert len(Store(settings.db).completions()) < 64
+        assert any(note.message == f"sample {n}: cancelled" for note in app._notifications)
+    # The engine commits each finished batch whole; of the interrupted batch only rows that hit EOS.
+    batches: dict[int, list[str]] = {}
+    for comp in Store(settings.db).completions():
+        batches.setdefault(comp["seed"] // 8, []).append(comp["finish_reason"])
+    whole = [b for b, reasons in batches.items() if len(reasons) == 8]
+    assert whole[:1] == [0] and whole == list(range(len(whole))) and len(whole) < n // 8
+    partial = [reason for b, reasons in batches.items() if b not in whole for reason in reasons]
+    assert set(batches) <= {*whole, len(whole)} and set(partial) <= {"eos"}
 
 
 async def test_help_and_theme_choice_is_remembered(tmp_path, tiny_models):
@@ -196,3 +225,95 @@ async def test_command_palette_offers_the_screen_keys(tmp_path, tiny_models):
         await pilot.pause()
         assert isinstance(app.screen, SamplesScreen)
     assert Store(tmp_path / "s.db").sessions()[0]["name"] == "from palette"
+
+
+async def test_export_errors_are_messages(tmp_path, tiny_models):
+    """A report path that cannot be written (a folder stands there) or a damaged database is one
+    notification on either screen, not a crash."""
+    settings = settings_for(tmp_path, tiny_models["llama"])
+    store = Store(settings.db)
+    session_id = store.create_session("ünïcode ✓")
+    (tmp_path / f"s-session{session_id}.html").mkdir()
+    app = AuditApp(settings, load_engine=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("e", "enter")  # on the sessions screen, then open the session
+        await pilot.pause()
+        with store.db.conn:
+            store.db.execute("DROP VIEW pairs")  # the report reads it
+        app.screen.query_one("#completions").focus()
+        await pilot.press("e")  # on the samples screen
+        await pilot.pause()
+        assert app.is_running and isinstance(app.screen, SamplesScreen)
+        errors = [n.message for n in app._notifications if n.severity == "error"]
+        assert len(errors) == 2 and errors[0].startswith("[Errno 21] Is a directory") and "no such table" in errors[1]
+    assert "ünïcode ✓" in (tmp_path / f"s-session{session_id}.md").read_text(encoding="utf-8")
+
+
+async def test_unreadable_settings_file_is_kept_and_reported(tmp_path, tiny_models):
+    settings = settings_for(tmp_path, tiny_models["llama"])
+    broken = "theme = [unclosed\n"
+    config_file().write_text(broken, encoding="utf-8")
+    app = AuditApp(settings, load_engine=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+t")
+        await pilot.pause()
+        assert app.is_running and app.theme == "auditui-light"
+        assert any("cannot read settings file" in n.message for n in app._notifications)
+    assert config_file().read_text(encoding="utf-8") == broken
+
+
+async def test_without_theme_files_the_builtin_themes_serve(tmp_path, tiny_models, monkeypatch):
+    """An installed auditui has no themes/ folder: Textual's dark/light themes, switchable with Ctrl+T."""
+    monkeypatch.setattr(themes, "THEMES_DIR", tmp_path / "no-themes")
+    app = AuditApp(settings_for(tmp_path, tiny_models["llama"]), load_engine=False)
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.theme == "textual-dark" and "auditui-dark" not in app.available_themes
+        await pilot.press("ctrl+t")
+        await pilot.pause()
+        assert app.theme == "textual-light"
+
+
+async def test_unusable_sae_pack_leaves_the_model_loaded(tmp_path, tiny_models):
+    app = AuditApp(load_settings(model=str(tiny_models["llama"]), pack="no-such-pack", db=str(tmp_path / "s.db")))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        assert app.engine_status.startswith("tiny-llama · 3 layers · no SAEs")
+        assert len(app.jobs.state["engine"].bank) == 0
+        warnings = [n for n in app._notifications if n.title == "SAEs"]
+        assert len(warnings) == 1 and "no-such-pack" in warnings[0].message and warnings[0].severity == "warning"
+
+
+def test_wheel_ships_the_stylesheet_and_keeps_sessions_out_of_site_packages(tmp_path):
+    """Build the wheel, unpack it as an installed package: app.tcss is there, no themes/ or sessions/
+    folder is, and the default database goes to the user data folder."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO_ROOT / "auditui", src / "auditui", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, src / name)
+    code = f"from setuptools import build_meta; print(build_meta.build_wheel({str(tmp_path / 'dist')!r}))"
+    wheel = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True,
+                           check=True).stdout.strip().splitlines()[-1]
+    site = tmp_path / "site"
+    with zipfile.ZipFile(tmp_path / "dist" / wheel) as archive:
+        assert "auditui/tui/app.tcss" in archive.namelist()
+        archive.extractall(site)
+    code = ("import auditui.config as c, auditui.tui.themes as t; "
+            "print(c.__file__, c.Settings().db, len(t.load_themes()), sep='\\n')")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    env.pop("AUDITUI_DB")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == [str(site / "auditui" / "config.py"), str(Path(user_data_dir("auditui")) / "auditui.db"), "0"]
+
+
+ENCODING_ARG = {"write_text": 1, "read_text": 0}  # the position of `encoding` among the arguments
+
+
+def test_tui_writes_text_as_utf8():
+    """Every write_text / read_text of the TUI and the settings names its encoding (exports hold model text)."""
+    files = [*(REPO_ROOT / "auditui" / "tui").rglob("*.py"), REPO_ROOT / "auditui" / "config.py"]
+    calls = [(path.name, node.lineno) for path in files for node in ast.walk(ast.parse(path.read_text("utf-8")))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and node.func.attr in ENCODING_ARG and len(node.args) <= ENCODING_ARG[node.func.attr]
+             and not any(k.arg == "encoding" for k in node.keywords)]
+    assert calls == []

@@ -1,6 +1,6 @@
 """`auditui`: bare, it opens the TUI; its subcommands are the headless engine steps (--json).
 
-Every user-facing error is one line on stderr with exit code 2.
+Every user-facing error is one line on stderr with exit code 2; Ctrl-C prints "interrupted", exit 130.
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ from auditui.cli.common import DbOpt, DeviceOpt, DtypeOpt, ModelOpt, PackOpt, se
 from auditui.errors import AuditError
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
 class AuditGroup(TyperGroup):
-    """Turns AuditError anywhere below, and click's usage errors, into one `error: ...` line, exit 2."""
+    """Turns AuditError anywhere below, and click's usage errors, into one `error: ...` line, exit 2;
+    an interrupt (Ctrl-C, which typer returns as exit code 130, or an Abort) into `interrupted`, exit 130."""
 
     def invoke(self, ctx):  # type: ignore[no-untyped-def]
         try:
@@ -28,12 +32,16 @@ class AuditGroup(TyperGroup):
     def main(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         try:
             code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except typer.Abort:  # end of input at a prompt, or an abort raised below
+            code = INTERRUPTED
         except Exception as exc:
             code = getattr(exc, "exit_code", None)
             if code is None or not hasattr(exc, "format_message"):  # not a click usage error
                 raise
             message = exc.format_message()
             typer.echo(message if "\n" in message.strip() else f"error: {message}", err=True)
+        if code == INTERRUPTED:
+            typer.echo("interrupted", err=True)
         if isinstance(code, int) and code:
             sys.exit(code)
 
@@ -61,8 +69,4 @@ from auditui.cli import pack as pack_commands  # noqa: E402,F401  (`pack` is als
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        app()
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    app()

@@ -11,14 +11,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from auditui.cli import app
-from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SaeOpt, emit,
-                                progress_printer, sae_specs, settings_from)
-from auditui.cli.sessions import SessionOpt, open_store
+from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SaeOpt, SessionOpt, emit,
+                                engine_for, open_store, print_summary, progress_printer, settings_from)
 from auditui.errors import AuditError
 
 SiteOpt = Annotated[list[str] | None, typer.Option(
@@ -30,16 +26,8 @@ ReferenceOpt = Annotated[Path | None, typer.Option(
 
 
 def _print_run(data: dict) -> None:
-    console = Console(highlight=False)
     summary = data["summary"] or {}
-    console.print(Text(f"run {data['run_id']} ({data['status']}): {summary.get('headline', '')}"))
-    if summary.get("table"):
-        table = Table(*summary["table"]["columns"], box=None)
-        for row in summary["table"]["rows"]:
-            table.add_row(*[Text(str(cell)) for cell in row])
-        console.print(table)
-    for note in summary.get("notes", []):
-        console.print(Text(f"note: {note}"))
+    print_summary(summary, f"run {data['run_id']} ({data['status']}): {summary.get('headline', '')}")
 
 
 @app.command()
@@ -51,7 +39,6 @@ def attribute(site: SiteOpt = None,
               session_id: SessionOpt = None, model: ModelOpt = None, pack: PackOpt = None, sae: SaeOpt = None,
               device: DeviceOpt = None, dtype: DtypeOpt = None, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Rank SAE latents by Δ-attribution (positive minus negative completions) with a Δ-activation baseline."""
-    from auditui.engine import open_engine
     from auditui.engine.attribution import check_positions, pair_plan, run_attribution
     from auditui.engine.sites import Site
 
@@ -64,7 +51,7 @@ def attribute(site: SiteOpt = None,
     with open_store(db) as store:
         sid = store.resolve_session(session_id)
         pair_plan(store, sid, positions)  # refuse before loading the model
-        engine = open_engine(settings, sae_specs(settings, sae), progress=say)
+        engine = engine_for(settings, sae, as_json)
         run_id = run_attribution(engine, store, sid, sites or engine.bank.sites, top_k=top, positions=positions,
                                  check=check, reference=reference, batch_size=batch,
                                  on_progress=lambda done, total, message: say(f"{message} {done}/{total}"))

@@ -1,15 +1,25 @@
-"""Options shared by the headless commands, and the one way they print results."""
+"""Options shared by the headless commands, the one way they print results, open the session
+database and load the engine."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from typing import Annotated, Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from auditui.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from auditui.engine import Engine
+    from auditui.store.database import Store
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="HF id, local dir, .gguf, or smollm2")]
 PackOpt = Annotated[str | None, typer.Option("--pack", "-p", help="SAE pack dir or name (demo)")]
@@ -19,6 +29,7 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cu
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
 DbOpt = Annotated[str | None, typer.Option("--db", help="session database file (AUDITUI_DB)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON")]
+SessionOpt = Annotated[int | None, typer.Option("--session", "-s", help="session id (default: the most recent)")]
 
 
 def settings_from(**flags: Any) -> Settings:
@@ -30,6 +41,27 @@ def sae_specs(settings: Settings, sae: list[str] | None) -> list[str]:
     return ([settings.pack] if settings.pack else []) + list(sae or [])
 
 
+def engine_for(settings: Settings, sae: list[str] | None, as_json: bool) -> Engine:
+    """The settings' model with its pack and any --sae sources; loading progress on stderr."""
+    from auditui.engine import open_engine
+
+    return open_engine(settings, sae_specs(settings, sae), progress=progress_printer(as_json))
+
+
+@contextmanager
+def open_store(db: str | None) -> Iterator[Store]:
+    """The settings' session database; SQLite failures inside become one-line errors."""
+    from auditui.store.database import Store, database_errors
+
+    path = Path(settings_from(db=db).db)
+    with database_errors(path):
+        store = Store(path)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
 def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
     """Print `data` as JSON (one document on stdout) or through `human`."""
     if as_json:
@@ -37,6 +69,20 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
         sys.stdout.write("\n")
     else:
         human(data)
+
+
+def print_summary(summary: dict, headline: str | None = None) -> None:
+    """A run summary (headline, table, notes) on the terminal; model text is never markup."""
+    console = Console(highlight=False)
+    console.print(Text(summary.get("headline", "") if headline is None else headline, style="bold"))
+    table = summary.get("table")
+    if table:
+        grid = Table(*table["columns"], box=None)
+        for row in table["rows"]:
+            grid.add_row(*(Text(str(cell)) for cell in row))
+        console.print(grid)
+    for note in summary.get("notes", []):
+        console.print(Text(f"note: {note}"))
 
 
 def progress_printer(as_json: bool) -> Callable[[str], None]:

@@ -14,21 +14,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from auditui.cli import AuditGroup, app
-from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SaeOpt, emit,
-                                progress_printer, sae_specs, settings_from)
-from auditui.config import Settings
+from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SaeOpt, SessionOpt, emit,
+                                engine_for, open_store, print_summary, progress_printer, settings_from)
 from auditui.errors import AuditError
 
 if TYPE_CHECKING:
     from auditui.store.database import Store
 
 FeatureOpt = Annotated[str | None, typer.Option("--feature", "-f", help="LAYER/KIND/INDEX, e.g. 12/resid_post/1234")]
-SessionOpt = Annotated[int | None, typer.Option("--session", help="store into this session (default: latest)")]
 SaveOpt = Annotated[bool, typer.Option("--save", help="store the result as a run in the session database")]
 
 flow_app = typer.Typer(cls=AuditGroup, invoke_without_command=True, add_completion=False,
@@ -36,35 +31,12 @@ flow_app = typer.Typer(cls=AuditGroup, invoke_without_command=True, add_completi
 app.add_typer(flow_app, name="flow")
 
 
-def _engine(settings: Settings, sae: list[str] | None, quiet: bool):
-    from auditui.engine import open_engine
-
-    return open_engine(settings, sae_specs(settings, sae), progress=progress_printer(quiet))
-
-
-def _store(settings: Settings, session: int | None, write: Callable[[Store, int], int]) -> int:
-    """Run `write(store, session_id)` on the settings' database (session: given or latest)."""
-    from auditui.store.database import Store
-
-    store = Store(settings.db)
-    try:
+def _save(db: str | None, session: int | None, write: Callable[[Store, int], int]) -> int:
+    """Run `write(store, session_id)` on the session database (session: given or latest); the run id."""
+    with open_store(db) as store:
         run_id = write(store, store.resolve_session(session))
-    finally:
-        store.close()
-    typer.echo(f"stored as run {run_id} in {settings.db}", err=True)
+    typer.echo(f"stored as run {run_id} in {store.path}", err=True)
     return run_id
-
-
-def _print_summary(summary: dict) -> None:
-    """A run summary (headline, table, notes) on the terminal; model text is never markup."""
-    console = Console()
-    console.print(Text(summary["headline"], style="bold"))
-    table = Table(*summary["table"]["columns"], box=None)
-    for row in summary["table"]["rows"]:
-        table.add_row(*(Text(str(cell)) for cell in row))
-    console.print(table)
-    for note in summary["notes"]:
-        console.print(Text(f"note: {note}"))
 
 
 @flow_app.callback(invoke_without_command=True)
@@ -91,18 +63,17 @@ def flow(ctx: typer.Context, feature: FeatureOpt = None,
                                      to_mermaid)
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
-    engine = _engine(settings, sae, as_json or dot or mermaid)
+    engine = engine_for(settings, sae, as_json or dot or mermaid)
     graph = build_flow_graph(engine, feature, k=k, direction=direction,
                              thresholds=Thresholds(cut=t_res, module=t_module), label_tokens=labels,
                              build_tables=tables)
     data = graph.to_dict()
     if save or session is not None or db is not None:
-        params = {"model": engine.lm.model_id, "pack": engine.pack_id}
-        data["run_id"] = _store(settings, session, lambda store, sid: store_flow_graph(store, sid, graph, params))
+        data["run_id"] = _save(db, session, lambda store, sid: store_flow_graph(store, sid, graph, engine))
     if dot or mermaid:
         typer.echo(to_dot(graph) if dot else to_mermaid(graph), nl=False)
         return
-    emit(data, as_json, lambda _: _print_summary(graph_summary(graph)))
+    emit(data, as_json, lambda _: print_summary(graph_summary(graph)))
 
 
 @flow_app.command()
@@ -118,20 +89,17 @@ def deactivate(feature: FeatureOpt = None,
     """Rescale a feature's top-1 / top-5 / random-of-top-5 predecessors at one token (section 5.2)."""
     if feature is None:
         raise AuditError("give a feature: auditui flow deactivate --feature LAYER/KIND/INDEX --text ...")
-    from auditui.engine.deactivation import deactivation_summary, deactivation_test
-    from auditui.engine.flow import store_run, text_ids
+    from auditui.engine.deactivation import deactivation_summary, deactivation_test, store_deactivation
+    from auditui.engine.flow import text_ids
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
-    engine = _engine(settings, sae, as_json)
+    engine = engine_for(settings, sae, as_json)
     result = deactivation_test(engine, feature, text_ids(engine.lm, text, chat=chat), token, r=r, seed=seed)
     summary = deactivation_summary(result)
     if save or session is not None or db is not None:
-        params = {"feature": feature, "text": text, "token": token, "r": r, "seed": seed,
-                  "model": engine.lm.model_id, "pack": engine.pack_id}
-        stored = dict(result)
-        result["run_id"] = _store(settings, session,
-                                  lambda store, sid: store_run(store, sid, "deactivation", params, stored, summary))
-    emit(result, as_json, lambda _: _print_summary(summary))
+        result["run_id"] = _save(db, session,
+                                 lambda store, sid: store_deactivation(store, sid, engine, result, text, chat))
+    emit(result, as_json, lambda _: print_summary(summary))
 
 
 @flow_app.command()
@@ -142,7 +110,7 @@ def tables(k: int = typer.Option(5, "--k", help="matches kept per row (at least 
     from auditui.engine.flow import precompute_tables
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype)
-    engine = _engine(settings, sae, as_json)
+    engine = engine_for(settings, sae, as_json)
     started = time.perf_counter()
     pairs = precompute_tables(engine, k, progress_printer(as_json))
     data = {"tables": len(pairs), "seconds": round(time.perf_counter() - started, 3),

@@ -8,36 +8,20 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from auditui.cli import app
-from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, emit, progress_printer,
-                                settings_from)
+from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SessionOpt, emit, open_store,
+                                progress_printer, settings_from)
 from auditui.config import Settings
 from auditui.errors import AuditError
-from auditui.store.database import Store, database_errors
-
-SessionOpt = Annotated[int | None, typer.Option("--session", "-s", help="session id (default: the most recent)")]
 
 session_app = typer.Typer(help="Create, list, show, rename and delete sessions.", no_args_is_help=True)
 app.add_typer(session_app, name="session")
-
-
-@contextmanager
-def open_store(db: str | None) -> Iterator[Store]:
-    """The settings' session database; SQLite failures inside become one-line errors."""
-    path = Path(settings_from(db=db).db)
-    with database_errors(path):
-        store = Store(path)
-        try:
-            yield store
-        finally:
-            store.close()
 
 
 def _shown(text: str) -> str:

@@ -14,8 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from auditui.cli import app
-from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SaeOpt, emit,
-                                progress_printer, sae_specs, settings_from)
+from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SaeOpt, emit, engine_for,
+                                settings_from)
 from auditui.config import Settings
 from auditui.errors import AuditError
 
@@ -67,10 +67,8 @@ def doctor_checks(settings: Settings, load: bool) -> list[dict]:
             checks.append(_check("pack", False, str(exc), "auditui pack build demo (or pass --pack DIR)"))
     checks.append(_db_check(Path(settings.db)))
     if load and all(c["ok"] for c in checks if c["check"] in ("model", "pack")):
-        from auditui.engine import open_engine
-
         try:
-            engine = open_engine(settings)
+            engine = engine_for(settings, None, as_json=True)
             checks.append(_check("load", True, f"{engine.lm.model_id}: {engine.lm.n_layers} layers, "
                                  f"{len(engine.bank)} SAEs, {engine.lm.load_seconds:.1f} s"))
         except AuditError as exc:
@@ -103,11 +101,10 @@ def doctor(model: ModelOpt = None, pack: PackOpt = None, device: DeviceOpt = Non
 
 def inspect_data(model: str | None, pack: str | None, sae: list[str] | None, device: str | None,
                  dtype: str | None, as_json: bool) -> dict:
-    from auditui.engine import open_engine
     from auditui.engine.sites import KINDS
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype)
-    engine = open_engine(settings, sae_specs(settings, sae), progress=progress_printer(as_json))
+    engine = engine_for(settings, sae, as_json)
     lm, bank = engine.lm, engine.bank
     config = lm.model.config
     coverage = {layer: {kind: None for kind in KINDS} for layer in range(lm.n_layers)}

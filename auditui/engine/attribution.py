@@ -13,9 +13,10 @@ Definitions (for one completion C of a prompt, at one site)
                "completion": the completion tokens that precede a scored token, n_prompt <= t < len-1;
                "all": 1 <= t < len-1.
                Position 0 (the attention sink; excluded from ā too) is never used.
-    act_i    = mean SAE activation (`sae.encode` of a_t) over the completion positions, whatever
-               the attribution positions: that is where a prompt's positive and negative completions
-               differ (over the prompt they share every activation, so Δ-act would be exactly 0).
+    act_i    = mean SAE activation (`sae.encode` of a_t) over the completion tokens, exactly the
+               positions n_prompt <= t < len (`activation_span`), whatever the attribution positions:
+               that is where a prompt's positive and negative completions differ (over the prompt they
+               share every activation, so Δ-act would be exactly 0).
     exact_i  = (L with a_t·d_i <- ā·d_i at every t in P, in one real forward - L) / |P|; to first
                order exact_i = attr_i, so the two are comparable number for number.
     Δ        = for each prompt with both labels: mean over its positive completions minus mean over
@@ -105,6 +106,11 @@ def position_span(seq: TokenSeq, positions: str) -> tuple[int, int]:
     start = seq.n_prompt if positions == "completion" else 1
     end = seq.n_prompt if positions == "prompt" else len(seq) - 1
     return start, end
+
+
+def activation_span(seq: TokenSeq) -> tuple[int, int]:
+    """[start, end) of the positions Δ-activation averages: every completion token."""
+    return seq.n_prompt, len(seq)
 
 
 def has_positions(seq: TokenSeq, positions: str) -> bool:
@@ -248,7 +254,7 @@ def attribute_batch(engine: Engine, seqs: list[TokenSeq], sites: list[Site], mea
             SiteHooks(lm.model, reads=sites, edits={leaf: _make_leaf}, keep_grad=True) as hooks:
         ids, mask = pad_batch(seqs, lm.tokenizer.pad_token_id, lm.device)
         sel = position_mask(seqs, positions, ids.shape[1], lm.device)
-        act_sel = position_mask(seqs, "completion", ids.shape[1], lm.device)
+        act_sel = span_mask(seqs, [activation_span(s) for s in seqs], ids.shape[1], lm.device)
         completion_nll(lm, ids, mask, seqs).sum().backward()
     acts, grads = hooks.acts, hooks.grads
     return {site: site_scores(engine.bank, site, acts[site], grads[site], means[site], sel, act_sel)
@@ -412,7 +418,7 @@ def _notes(engine: Engine, store: Store, session_id: int, plan: PairPlan, positi
     if session_model and session_model != engine.lm.model_id:
         notes.append(f"the session was sampled with {session_model}, not {engine.lm.model_id}: "
                      "attribution of off-policy completions")
-    notes.append("Δ-activation is the mean SAE activation over completion positions, positive minus negative")
+    notes.append("Δ-activation is the mean SAE activation over the completion tokens, positive minus negative")
     if plan.skipped:
         notes.append(f"{len(plan.skipped)} completion(s) left out (no {positions} position or no pair): "
                      f"{plan.skipped[:10]}")

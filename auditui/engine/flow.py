@@ -54,7 +54,8 @@ Result formats (plain JSON-able dicts):
                                 "from": [{"id", "score"}], "to": [{"id", "score"}]}]}]
   to_dot(graph) / to_mermaid(graph): Graphviz DOT and Mermaid flowchart text.
   graph_summary(graph): run summary {"headline", "table", "notes"}; store_flow_graph stores a run
-    of kind "flow" with the graph as its result.
+    of kind "flow" with the graph as its result. Flow and deactivation runs (deactivation.py) carry
+    params `run_params(engine, ...)`: {"model": model id, "pack": pack id, then the step's own}.
 
 Speed: decoders are cached on the bank device; score lookups go through `TransitionCache`
 (transitions.py), which serves full top-k tables from memory or <cache>/flow/ and otherwise computes
@@ -70,7 +71,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -608,12 +609,16 @@ def store_run(store: Store, session_id: int, kind: str, params: dict, result: di
     return run_id
 
 
-def store_flow_graph(store: Store, session_id: int, graph: FlowGraph, params: dict | None = None) -> int:
-    """Store a graph as a run of kind "flow" (result: `graph.to_dict()`, summary: `graph_summary`)."""
-    return store_run(store, session_id, "flow",
-                     {"root": str(graph.root), "k": graph.k, "direction": graph.direction,
-                      "thresholds": graph.thresholds.to_dict(), **(params or {})},
-                     graph.to_dict(), graph_summary(graph))
+def run_params(engine: Engine, **params: Any) -> dict:
+    """A run's params: the model and SAE pack it was computed with, then the step's own."""
+    return {"model": engine.lm.model_id, "pack": engine.pack_id, **params}
+
+
+def store_flow_graph(store: Store, session_id: int, graph: FlowGraph, engine: Engine) -> int:
+    """Store a graph of `engine` as a run of kind "flow" (result: `graph.to_dict()`, summary: `graph_summary`)."""
+    params = run_params(engine, root=str(graph.root), k=graph.k, direction=graph.direction,
+                        thresholds=graph.thresholds.to_dict())
+    return store_run(store, session_id, "flow", params, graph.to_dict(), graph_summary(graph))
 
 
 # -- activations on a text: groups of section 5.1 -------------------------------------------------

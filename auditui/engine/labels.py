@@ -18,6 +18,7 @@ texts plus one SAE encode (a worker thread, not the UI thread).
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
     from auditui.engine.model import LoadedModel
     from auditui.store.database import Store
 
-_UNEMBED_CACHE: dict[int, Tensor] = {}
+# unit unembedding rows [vocab, d_model] per HF model; an entry goes when its model is freed
+_UNEMBED_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, Tensor] = weakref.WeakKeyDictionary()
 
 
 def token_strings(lm: LoadedModel, ids: list[int]) -> list[str]:
@@ -56,12 +58,12 @@ def through_final_norm(lm: LoadedModel, directions: Tensor) -> Tensor:
 
 
 def unit_unembedding(lm: LoadedModel) -> Tensor:
-    """Unit-norm unembedding rows [vocab, d_model], cached per loaded model."""
-    key = id(lm.model)
-    if key not in _UNEMBED_CACHE:
+    """Unit-norm unembedding rows [vocab, d_model], cached while the model is alive."""
+    w_u = _UNEMBED_CACHE.get(lm.model)
+    if w_u is None:
         w_u = lm.model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
-        _UNEMBED_CACHE[key] = w_u / w_u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return _UNEMBED_CACHE[key]
+        w_u = _UNEMBED_CACHE[lm.model] = w_u / w_u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return w_u
 
 
 def logit_lens(lm: LoadedModel, directions: Tensor, k: int = 8, chunk: int = 256) -> list[list[tuple[str, float]]]:

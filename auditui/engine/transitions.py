@@ -23,16 +23,22 @@ stores K = max(k, TABLE_K) matches so one table serves graphs (k = 1) and the de
 `TransitionCache.top(src, dst, latent, k)` is what graph walks call: a lookup in a table held in
 memory or on disk, or, when no table was built, the single row computed directly (one
 [d_sae(B), d_model] matrix-vector product, then memoized), so walks never wait for a full table.
+
+When the cache folder cannot be written (read-only, full disk) a built table stays in memory only:
+one RuntimeWarning per cache names the folder, and no later table is written there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 from auditui.engine.saes import SAEBank
@@ -76,6 +82,7 @@ class TransitionCache:
     def __init__(self, bank: SAEBank, root: Path | None, chunk_bytes: int = CHUNK_BYTES):
         self.bank = bank
         self.root = Path(root) if root is not None else None
+        self.writable = True  # False after a failed write: tables stay in memory
         self.chunk_bytes = chunk_bytes
         self._tables: dict[tuple[Site, Site, int], Table] = {}
         self._keys: dict[Site, str] = {}
@@ -128,16 +135,23 @@ class TransitionCache:
             self._save(self.path(*slot), table)
         return table
 
-    @staticmethod
-    def _save(path: Path | None, table: Table) -> None:
-        if path is None:
+    def _save(self, path: Path | None, table: Table) -> None:
+        """Write a table atomically; on a write failure warn once and keep tables in memory only."""
+        if path is None or not self.writable:
             return
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file({"values": table.values.contiguous(), "indices": table.indices.contiguous()}, tmp)
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"values": table.values.contiguous(), "indices": table.indices.contiguous()}, tmp)
+            tmp.replace(path)
+        except (OSError, SafetensorError) as exc:
+            self.writable = False
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            warnings.warn(f"cannot cache transition tables in {path.parent} ({exc}); keeping them in memory",
+                          RuntimeWarning, stacklevel=3)
 
     def top(self, src: Site, dst: Site, latent: int, k: int, build: bool = False) -> list[tuple[int, float]]:
         """Top-k (latent of dst, cosine) for `latent` of src: a table lookup, or one row computed."""

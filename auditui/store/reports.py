@@ -2,7 +2,8 @@
 
 Runs are rendered generically from their `summary` ({"headline", "table": {"columns", "rows"},
 "notes"}), params and status, so every later step appears without code here; the JSON export also
-carries each run's full result (ranked latents, graphs ...) for scripts. The document is
+carries each run's full result (ranked latents, graphs ...) for scripts. `render_reports` renders
+several formats from one read of the session (`session_data`); `render_report` renders one. The document is
 first built as a list of blocks; the HTML writer escapes every piece of text it emits, and the
 Markdown writer puts model text in code fences long enough to keep it literal.
 """
@@ -172,11 +173,21 @@ def to_html(blocks: list[Block], title: str) -> str:
             f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
+def render_reports(store: Store, session_id: int, formats: tuple[str, ...] = FORMATS) -> dict[str, str]:
+    """The session's report in each of `formats` ({fmt: text}), all from one read of the session."""
+    unknown = [fmt for fmt in formats if fmt not in FORMATS]
+    if unknown:
+        raise AuditError(f"unknown report format {unknown[0]!r}; use one of {', '.join(FORMATS)}")
+    data = session_data(store, session_id, results="json" in formats)
+    return {fmt: _render(data, fmt) for fmt in formats}
+
+
 def render_report(store: Store, session_id: int, fmt: str) -> str:
     """The session's report as Markdown (md), a standalone HTML page (html) or JSON (json)."""
-    if fmt not in FORMATS:
-        raise AuditError(f"unknown report format {fmt!r}; use one of {', '.join(FORMATS)}")
-    data = session_data(store, session_id, results=fmt == "json")
+    return render_reports(store, session_id, (fmt,))[fmt]
+
+
+def _render(data: dict, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
     blocks = report_blocks(data)

@@ -22,7 +22,7 @@ from auditui.store import Store
 from auditui.tui.guard import guard_call
 from auditui.tui.jobs import EngineQueue, Job, JobContext, JobDone, JobFailed, JobProgress, JobStarted
 from auditui.tui.screens.dialogs import Help
-from auditui.tui.themes import load_themes
+from auditui.tui.themes import BUILT_IN, dark_and_light, load_themes
 from auditui.tui.widgets.status import StatusBar
 
 
@@ -46,13 +46,14 @@ class AuditApp(App):
         self.engine_error = ""
         self.job_status: tuple[str, float, float] | None = None
         self.jobs = EngineQueue(self.post_message)
-        self._jobs: dict[int, Job] = {}
+        self.theme_pair = BUILT_IN
 
     # -- start-up ------------------------------------------------------------------------------
     def on_mount(self) -> None:
         for theme in load_themes():
             self.register_theme(theme)
-        self.theme = self.settings.theme if self.settings.theme in self.available_themes else "auditui-dark"
+        self.theme_pair = dark_and_light(self.available_themes)
+        self.theme = self.settings.theme if self.settings.theme in self.available_themes else self.theme_pair[0]
         self.theme_changed_signal.subscribe(self, self._remember_theme)
         self.jobs.start(self.run_worker)
         try:
@@ -63,31 +64,32 @@ class AuditApp(App):
 
         self.push_screen(SessionsScreen())
         if self.load_engine:
-            self.submit("load model", self._load_engine, needs_engine=False)
+            self.submit("load model", self._load_engine, on_done=self._engine_loaded,
+                        on_error=self._engine_failed, needs_engine=False)
 
-    def _load_engine(self, ctx: JobContext) -> str:
-        from pathlib import Path
+    def _load_engine(self, ctx: JobContext) -> tuple[str, list[str]]:
+        """On the engine thread: the Engine into the shared state; (status line, SAE warnings) back."""
+        from auditui.engine import open_engine
 
-        from auditui.engine import Engine
-        from auditui.engine.model import load_model
-        from auditui.engine.saes import SAEBank
+        ctx.progress(0, 0, f"loading {self.settings.model}")
+        engine = open_engine(self.settings, progress=lambda message: ctx.progress(0, 0, message), strict=False)
+        ctx.state["engine"] = engine
+        lm, bank = engine.lm, engine.bank
+        saes = (f"{len(bank)} SAEs" + (f" ({bank.pack.name})" if bank.pack else "")) if len(bank) else "no SAEs"
+        return f"{lm.model_id} · {lm.n_layers} layers · {saes} · {lm.device}", list(bank.warnings)
 
-        s = self.settings
-        ctx.progress(0, 2, f"loading {s.model}")
-        lm = load_model(s.model, s.device, s.dtype, s.cache_path, progress=lambda m: ctx.progress(0, 2, m))
-        ctx.progress(1, 2, "reading SAEs")
-        try:
-            bank = SAEBank.from_specs([s.pack] if s.pack else [], Path(s.cache_dir), lm.device, lm.model).attach(lm)
-            saes = f"{len(bank)} SAEs" + (f" ({bank.pack.name})" if bank.pack else "")
-        except AuditError as exc:
-            bank = SAEBank([], lm.device)
-            saes = "no SAEs"
-            self.call_from_thread(self.notify, str(exc), title="SAEs", severity="warning", timeout=10)
-        ctx.state["engine"] = Engine(settings=s, lm=lm, bank=bank)
-        return f"{lm.model_id} · {lm.n_layers} layers · {saes} · {lm.device}"
+    def _engine_loaded(self, result: tuple[str, list[str]]) -> None:
+        self.engine_status, warnings = result
+        self._sync_status()
+        for warning in warnings:
+            self.notify(warning, title="SAEs", severity="warning", timeout=10, markup=False)
+
+    def _engine_failed(self, error: str) -> None:
+        self.engine_error, self.engine_status = error, "model not loaded"
+        self._sync_status()
 
     def _remember_theme(self, theme: Any) -> None:
-        save_setting("theme", theme.name)
+        guard_call(self, save_setting)("theme", theme.name)
 
     # -- jobs ----------------------------------------------------------------------------------
     def submit(self, title: str, fn: Callable[[JobContext], Any], on_done: Callable[[Any], None] | None = None,
@@ -97,9 +99,7 @@ class AuditApp(App):
             if needs_engine and "engine" not in ctx.state:
                 raise AuditError(f"the model is not loaded{': ' + self.engine_error if self.engine_error else ''}")
             return fn(ctx)
-        job = Job(title, run, on_done, on_error)
-        self._jobs[job.id] = job
-        return self.jobs.submit(job)
+        return self.jobs.submit(Job(title, run, on_done, on_error))
 
     def on_job_started(self, message: JobStarted) -> None:
         self._set_job((message.job.title, 0, 0))
@@ -110,20 +110,12 @@ class AuditApp(App):
 
     def on_job_done(self, message: JobDone) -> None:
         self._set_job(None)
-        job = self._jobs.pop(message.job.id, message.job)
-        if job.title == "load model":
-            self.engine_status = str(message.result)
-            self._sync_status()
-        if job.on_done:
-            guard_call(self, job.on_done)(message.result)
+        if message.job.on_done:
+            guard_call(self, message.job.on_done)(message.result)
 
     def on_job_failed(self, message: JobFailed) -> None:
         self._set_job(None)
-        job = self._jobs.pop(message.job.id, message.job)
-        if job.title == "load model":
-            self.engine_error = message.error
-            self.engine_status = "model not loaded"
-            self._sync_status()
+        job = message.job
         if message.cancelled:
             self.notify(f"{job.title}: cancelled", timeout=3)
         else:
@@ -148,7 +140,8 @@ class AuditApp(App):
             self.notify("cancelling…", timeout=2)
 
     def action_toggle_theme(self) -> None:
-        self.theme = "auditui-light" if self.theme == "auditui-dark" else "auditui-dark"
+        dark, light = self.theme_pair
+        self.theme = light if self.theme == dark else dark
 
     def action_help(self) -> None:
         if isinstance(self.screen, Help):

@@ -1,4 +1,5 @@
-"""`@guarded`: a UI handler whose user-facing error (bad input, damaged database) becomes a message.
+"""`@guarded`: a UI handler whose user-facing error (bad input, damaged database, unwritable file)
+becomes a one-line message.
 
 Textual stops a widget's message loop when one of its handlers raises, so errors must be caught in
 the handler itself; engine errors already arrive as JobFailed messages (jobs.py).
@@ -17,12 +18,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def guard_call(widget: Any, fn: F) -> F:
-    """`fn` whose AuditError / sqlite3.Error is shown by `widget.notify` instead of raised."""
+    """`fn` whose AuditError / sqlite3.Error / OSError is shown by `widget.notify` instead of raised."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (AuditError, sqlite3.Error) as exc:
+        except (AuditError, sqlite3.Error, OSError) as exc:
             widget.notify(str(exc), title="error", severity="error", timeout=10, markup=False)
             return None
     return wrapper  # type: ignore[return-value]

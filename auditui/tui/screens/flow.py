@@ -83,9 +83,10 @@ class FlowScreen(StepScreen):
         def job(ctx):  # type: ignore[no-untyped-def]
             from auditui.engine.flow import Thresholds, build_flow_graph, layer_rows, store_flow_graph
 
-            graph = build_flow_graph(self.engine(ctx), req["feature"], k=req["k"], direction=req["direction"],
+            engine = self.engine(ctx)
+            graph = build_flow_graph(engine, req["feature"], k=req["k"], direction=req["direction"],
                                      thresholds=Thresholds(cut=req["cut"], module=req["module"]))
-            store_flow_graph(store, session_id, graph)
+            store_flow_graph(store, session_id, graph, engine)
             return graph.to_dict(), layer_rows(graph)
 
         self.submit(f"flow {req['feature']}", job, on_done=self.show_graph)
@@ -141,12 +142,8 @@ class FlowScreen(StepScreen):
 
         graph = FlowGraph.from_dict(self.graph)
         stem = self.store.path.with_name(f"{self.store.path.stem}-flow-{self.graph['root'].replace('/', '-')}")
-        try:
-            stem.with_suffix(".dot").write_text(to_dot(graph))
-            stem.with_suffix(".mmd").write_text(to_mermaid(graph))
-        except OSError as exc:
-            self.notify(str(exc), severity="error", markup=False)
-            return
+        stem.with_suffix(".dot").write_text(to_dot(graph), encoding="utf-8")
+        stem.with_suffix(".mmd").write_text(to_mermaid(graph), encoding="utf-8")
         self.notify(f"wrote {stem.name}.dot and .mmd", markup=False)
 
     @guarded
@@ -170,15 +167,13 @@ class FlowScreen(StepScreen):
         store, session_id = self.store, self.session_id
 
         def job(ctx):  # type: ignore[no-untyped-def]
-            from auditui.engine.deactivation import deactivation_summary, deactivation_test
-            from auditui.engine.flow import store_run, text_ids
+            from auditui.engine.deactivation import deactivation_summary, deactivation_test, store_deactivation
+            from auditui.engine.flow import text_ids
 
             engine = self.engine(ctx)
             result = deactivation_test(engine, feature, text_ids(engine.lm, text), token, r=r)
-            summary = deactivation_summary(result)
-            store_run(store, session_id, "deactivation", {"feature": feature, "token": token, "r": r, "text": text},
-                      result, summary)
-            return summary
+            store_deactivation(store, session_id, engine, result, text)
+            return deactivation_summary(result)
 
         self.submit(f"deactivate {feature}", job, on_done=lambda summary: self.show_detail(summary_text(summary)))
 

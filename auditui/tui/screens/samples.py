@@ -9,12 +9,17 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
 from auditui.errors import AuditError
-from auditui.tui.widgets.params import ParamRow, parse_number
-from auditui.tui.screens.base import AuditScreen
 from auditui.tui.guard import guarded
+from auditui.tui.screens.base import AuditScreen
+from auditui.tui.widgets.params import ParamRow, parse_number
 from auditui.tui.widgets.status import StatusBar
 
 LABEL_MARK = {"positive": "+", "negative": "-", "unlabelled": "·"}
+
+
+def label_counts(labels: list[str]) -> str:
+    """The positive/negative counts of a prompt's completion labels, e.g. "2/1"."""
+    return f"{labels.count('positive')}/{labels.count('negative')}"
 
 
 def one_line(text: str, width: int = 200) -> Text:
@@ -65,8 +70,11 @@ class SamplesScreen(AuditScreen):
         prompts = self.query_one("#prompts", DataTable)
         prompts.add_column("id")
         prompts.add_column("prompt", width=17)
-        prompts.add_column("+/-")
-        self.query_one("#completions", DataTable).add_columns("id", "", "completion")
+        prompts.add_column("+/-", key="counts")
+        completions = self.query_one("#completions", DataTable)
+        completions.add_column("id")
+        completions.add_column("", key="label")
+        completions.add_column("completion")
         self.refresh_prompts()
         self.query_one("#prompt", Input).focus()
 
@@ -79,15 +87,16 @@ class SamplesScreen(AuditScreen):
         comps = self.store.completions(self.session_id)
         for prompt in prompts:
             mine = [c["label"] for c in comps if c["prompt_id"] == prompt["id"]]
-            counts = f"{mine.count('positive')}/{mine.count('negative')}"
-            table.add_row(str(prompt["id"]), one_line(prompt["text"], 16), counts, key=str(prompt["id"]))
-        pairs = self.store.pairs(self.session_id)
-        self.query_one("#pairs", Static).update(Text(f"  pairs: {len(pairs)}"))
+            table.add_row(str(prompt["id"]), one_line(prompt["text"], 16), label_counts(mine), key=str(prompt["id"]))
+        self.show_pairs()
         if prompts:
             target = select if select is not None else (self.prompt_id or prompts[-1]["id"])
             if str(target) in table.rows:
                 table.move_cursor(row=table.get_row_index(str(target)))
             self.show_prompt(target)
+
+    def show_pairs(self) -> None:
+        self.query_one("#pairs", Static).update(Text(f"  pairs: {len(self.store.pairs(self.session_id))}"))
 
     @guarded
     def show_prompt(self, prompt_id: int) -> None:
@@ -175,10 +184,14 @@ class SamplesScreen(AuditScreen):
             return
         self.store.set_label(completion_id, label)
         table = self.query_one("#completions", DataTable)
-        table.update_cell(str(completion_id), table.ordered_columns[1].key, self._mark(label))
-        row = table.cursor_row
-        self.refresh_prompts(select=self.prompt_id)
-        table.move_cursor(row=min(row + 1, table.row_count - 1))
+        table.update_cell(str(completion_id), "label", self._mark(label))
+        labels = [c["label"] for c in self.store.completions(prompt_id=self.prompt_id)]
+        self.query_one("#prompts", DataTable).update_cell(str(self.prompt_id), "counts", label_counts(labels))
+        self.show_pairs()
+        if table.cursor_row + 1 < table.row_count:
+            table.move_cursor(row=table.cursor_row + 1)  # its highlight shows the next completion
+        else:
+            self.show_completion(completion_id)  # the new label in the detail header
 
     def action_attribution(self) -> None:
         from auditui.tui.screens.attribution import AttributionScreen
@@ -190,6 +203,7 @@ class SamplesScreen(AuditScreen):
 
         self.app.push_screen(FlowScreen(self.session_id))
 
+    @guarded
     def action_export(self) -> None:
         from auditui.tui.screens.sessions import export_reports
 

@@ -9,10 +9,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Header, Static
 
-from auditui.errors import AuditError
-from auditui.tui.screens.dialogs import AskForm, Confirm
-from auditui.tui.screens.base import AuditScreen
 from auditui.tui.guard import guard_call, guarded
+from auditui.tui.screens.base import AuditScreen
+from auditui.tui.screens.dialogs import AskForm, Confirm
 from auditui.tui.widgets.status import StatusBar
 
 
@@ -77,8 +76,7 @@ class SessionsScreen(AuditScreen):
             return
         def create(answer: dict[str, str] | None) -> None:
             if answer:
-                session_id = self.store.create_session(answer["name"], model_id=self.app.settings.model,  # type: ignore[attr-defined]
-                                                       pack_id=self.app.settings.pack)  # type: ignore[attr-defined]
+                session_id = self.store.create_session(answer["name"])  # the first sampling sets model and pack
                 self.refresh_rows(select=session_id)
                 self.open_session(session_id)
         self.app.push_screen(AskForm("Name of the new session:", [("name", "")]), guard_call(self, create))
@@ -132,17 +130,13 @@ class SessionsScreen(AuditScreen):
 
 
 def export_reports(screen: AuditScreen, session_id: int) -> None:
-    """Write the session's report as Markdown, HTML and JSON next to the database."""
-    from auditui.store.reports import render_report
+    """Write the session's report as Markdown, HTML and JSON next to the database (call it guarded)."""
+    from auditui.store.reports import render_reports
 
     store = screen.store
     written = []
-    try:
-        for fmt in ("md", "html", "json"):
-            path = store.path.with_name(f"{store.path.stem}-session{session_id}.{fmt}")
-            path.write_text(render_report(store, session_id, fmt))
-            written.append(path.name)
-    except (AuditError, OSError) as exc:
-        screen.notify(str(exc), title="report", severity="error", markup=False)
-        return
+    for fmt, text in render_reports(store, session_id).items():
+        path = store.path.with_name(f"{store.path.stem}-session{session_id}.{fmt}")
+        path.write_text(text, encoding="utf-8")
+        written.append(path.name)
     screen.notify(f"wrote {', '.join(written)} in {store.path.parent}", title="report", markup=False)
