@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from auditui.engine.corpus import Source
+from auditui.engine.packs import BuildPlan
+
 
 def hook_count(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
@@ -25,3 +28,20 @@ def labelled_session(store, lm, spec: list[tuple[str, list[tuple[str, str]]]], c
             completion_id = store.add_completion(prompt_id, text, token_ids, seed, {}, model_id=lm.model_id)
             store.set_label(completion_id, label)
     return session_id
+
+
+# -- a tiny corpus and build plan for pack builds on tiny models ------------------------------
+TEXT = ("The river rose in the spring and the farmers moved their sheep to the hills. " * 3 +
+        "A committee met on Tuesday to discuss the budget of the new library. " * 3 +
+        "def parse(text): returns the tokens of text, split on whitespace. " * 2)
+TINY_SOURCES = (
+    Source("stories", "python", weight=0.6, loader=lambda: [TEXT[i:] + TEXT[:i] for i in range(0, 400, 7)]),
+    Source("notes", "python", weight=0.4, loader=lambda: [TEXT.upper()[i:] for i in range(0, 300, 11)]),
+)
+
+
+def tiny_plan(name: str = "tiny", **overrides) -> BuildPlan:
+    values = dict(name=name, d_sae=64, k=4, lr=5e-3, train_tokens=3072, build_minutes=0, held_out_tokens=512,
+                  ce_sequences=2, seq_len=64, seqs_per_forward=4, batch_tokens=512, chat_fraction=0.3)
+    values.update(overrides)
+    return BuildPlan(**values)

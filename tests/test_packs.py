@@ -22,29 +22,14 @@ from typer.testing import CliRunner
 from auditui.cli import app
 from auditui.engine.corpus import (Source, archive_members, clean_wikitext, load_source, token_sequences,
                                    wiki_documents)
-from auditui.engine.packs import BuildPlan, build_pack, list_packs, partial_dir, valid_tokens
+from auditui.engine.packs import build_pack, list_packs, partial_dir, valid_tokens
 from auditui.engine.sae_training import TopKTrainer, TrainConfig
 from auditui.engine.saes import SAEBank, weights_digest
 from auditui.engine.sites import Site, SiteHooks
 from auditui.errors import AuditError
+from helpers import TEXT, TINY_SOURCES, tiny_plan
 
 runner = CliRunner()
-TEXT = ("The river rose in the spring and the farmers moved their sheep to the hills. " * 3 +
-        "A committee met on Tuesday to discuss the budget of the new library. " * 3 +
-        "def parse(text): returns the tokens of text, split on whitespace. " * 2)
-TINY_SOURCES = (
-    Source("stories", "python", weight=0.6, loader=lambda: [TEXT[i:] + TEXT[:i] for i in range(0, 400, 7)]),
-    Source("notes", "python", weight=0.4, loader=lambda: [TEXT.upper()[i:] for i in range(0, 300, 11)]),
-)
-
-
-def tiny_plan(name: str = "tiny", **overrides) -> BuildPlan:
-    values = dict(name=name, d_sae=64, k=4, lr=5e-3, train_tokens=3072, build_minutes=0, held_out_tokens=512,
-                  ce_sequences=2, seq_len=64, seqs_per_forward=4, batch_tokens=512, chat_fraction=0.3)
-    values.update(overrides)
-    return BuildPlan(**values)
-
-
 # -- corpus ------------------------------------------------------------------------------------
 def test_clean_wikitext_keeps_prose_and_drops_markup():
     raw = ("{{Infobox|name={{nested|x}}}}\n'''Anarchism''' is a [[political philosophy]] that "

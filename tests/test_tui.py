@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -317,3 +318,35 @@ def test_tui_writes_text_as_utf8():
              and node.func.attr in ENCODING_ARG and len(node.args) <= ENCODING_ARG[node.func.attr]
              and not any(k.arg == "encoding" for k in node.keywords)]
     assert calls == []
+
+
+async def test_f2_shows_the_loaded_packs_quality(tmp_path, tiny_models):
+    from auditui.engine.packs import build_pack
+    from auditui.tui.screens.pack import PackQuality
+    from helpers import TINY_SOURCES, tiny_plan
+
+    pack = build_pack(tiny_plan(model=str(tiny_models["llama"]), layers=(1,)), tmp_path / "cache", "cpu", "float32",
+                      sources=TINY_SOURCES)
+    manifest = json.loads((pack / "pack.json").read_text())
+    app = AuditApp(load_settings(model=str(tiny_models["llama"]), pack=str(pack), db=str(tmp_path / "s.db")))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("f2")
+        await wait_idle(app, pilot)
+        assert isinstance(app.screen, PackQuality)
+        rows = cells(app.screen.query_one("#pack-table", DataTable))
+        assert [row[0] for row in rows] == list(manifest["saes"])  # 1/attn_out, 1/mlp_out, 1/resid_post
+        for row, entry in zip(rows, manifest["saes"].values()):
+            assert row[4] == f"{entry['variance_explained']:.3f}" and row[6] == f"{entry['dead_fraction']:.3f}"
+            assert row[8] == f"{entry['loss_spliced']:.3f}"
+        await pilot.press("escape")
+        assert not isinstance(app.screen, PackQuality)
+
+
+async def test_f2_without_a_pack_is_a_message(tmp_path, tiny_models):
+    app = AuditApp(settings_for(tmp_path, tiny_models["llama"]))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        await pilot.press("f2")
+        await wait_idle(app, pilot)
+        assert any("no SAE pack is loaded" in n.message for n in app._notifications)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from auditui.cli import app
-from auditui.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, emit, settings_from
+from auditui.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, emit, print_summary, settings_from
 from auditui.config import DEFAULT_PACK
 from auditui.errors import AuditError
 
@@ -20,7 +20,6 @@ pack_app = typer.Typer(help="Build, inspect and list SAE packs (<cache>/packs/NA
 app.add_typer(pack_app, name="pack")
 
 NameArg = Annotated[str, typer.Argument(help="pack name (demo = the offline SmolLM2 pack)")]
-QUALITY = ("variance_explained", "l0", "dead_fraction", "loss_clean", "loss_spliced", "ce_recovered")
 
 
 def _bar():
@@ -74,43 +73,14 @@ def build(name: NameArg = DEFAULT_PACK, model: ModelOpt = None, device: DeviceOp
 
 
 def pack_info_data(name: str, cache_dir: Path) -> dict:
-    from auditui.engine.packs import pack_size
-    from auditui.engine.saes import read_pack, resolve_pack_dir
+    from auditui.engine.packs import pack_info
+    from auditui.engine.saes import resolve_pack_dir
 
-    pack = read_pack(resolve_pack_dir(name, cache_dir))
-    manifest = pack.manifest
-    rows = [{"site": site, **{key: entry.get(key) for key in ("architecture", "d_sae", "k", *QUALITY)}}
-            for site, entry in manifest["saes"].items()]
-    return {"name": pack.name, "path": str(pack.path), "model_id": pack.model_id, "bytes": pack_size(pack.path),
-            "built_at": manifest.get("built_at"), "training": manifest.get("training", {}),
-            "quality": manifest.get("quality", {}), "corpus": manifest.get("corpus", {}), "saes": rows}
+    return pack_info(resolve_pack_dir(name, cache_dir))
 
 
 def _print_info(data: dict) -> None:
-    console = Console()
-    training = data["training"]
-    console.print(f"{data['name']}: {len(data['saes'])} SAEs for {data['model_id']} at {data['path']} "
-                  f"({data['bytes'] / 2**20:.0f} MiB)", markup=False)
-    if training:
-        console.print(f"trained on {training.get('tokens_per_sae', 0):,} tokens per SAE in "
-                      f"{training.get('train_seconds', 0) / 60:.1f} min (build {training.get('build_seconds', 0) / 60:.1f} "
-                      f"min, {training.get('device')})", markup=False)
-    table = Table(box=None)
-    table.add_column("site", no_wrap=True)
-    for header in ("arch", "d_sae", "k", "var expl", "L0", "dead", "loss", "loss+SAE", "CE rec"):
-        table.add_column(header, justify="right", no_wrap=True)
-    for row in data["saes"]:
-        table.add_row(row["site"], str(row["architecture"]), str(row["d_sae"]), str(row["k"] or "-"),
-                      *[_fmt(row[key]) for key in QUALITY])
-    console.print(table)
-    corpus = data["corpus"]
-    if corpus:
-        parts = ", ".join(f"{name} {entry.get('train_tokens_used', 0):,}" for name, entry in corpus.items())
-        console.print(f"corpus (training tokens): {parts}", markup=False)
-
-
-def _fmt(value: object) -> str:
-    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+    print_summary(data["summary"])
 
 
 @pack_app.command("info")

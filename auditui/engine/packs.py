@@ -542,6 +542,45 @@ def summarize(quality: dict[Site, dict]) -> dict:
     return out
 
 
+QUALITY = ("variance_explained", "l0", "dead_fraction", "loss_clean", "loss_spliced", "ce_recovered")
+QUALITY_HEADERS = ("var expl", "L0", "dead", "loss", "loss+SAE", "CE rec")
+
+
+def pack_info(pack_dir: Path) -> dict:
+    """A pack's manifest as a report: build facts, per-SAE quality rows, and a run-style summary
+    ({"headline", "table", "notes"}) that the CLI and the TUI both show."""
+    pack = read_pack(pack_dir)
+    manifest = pack.manifest
+    rows = [{"site": site, **{key: entry.get(key) for key in ("architecture", "d_sae", "k", *QUALITY)}}
+            for site, entry in manifest["saes"].items()]
+    info = {"name": pack.name, "path": str(pack.path), "model_id": pack.model_id, "bytes": pack_size(pack.path),
+            "built_at": manifest.get("built_at"), "training": manifest.get("training", {}),
+            "quality": manifest.get("quality", {}), "corpus": manifest.get("corpus", {}), "saes": rows}
+    return {**info, "summary": _info_summary(info)}
+
+
+def _info_summary(info: dict) -> dict:
+    training, corpus = info["training"], info["corpus"]
+    notes = []
+    if training:
+        notes.append(f"trained on {training.get('tokens_per_sae', 0):,} tokens per SAE in "
+                     f"{training.get('train_seconds', 0) / 60:.1f} min (build {training.get('build_seconds', 0) / 60:.1f} "
+                     f"min, {training.get('device')})")
+    if corpus:
+        notes.append("corpus (training tokens): " + ", ".join(
+            f"{name} {entry.get('train_tokens_used', 0):,}" for name, entry in corpus.items()))
+    return {"headline": f"{info['name']}: {len(info['saes'])} SAEs for {info['model_id']} at {info['path']} "
+                        f"({info['bytes'] / 2**20:.0f} MiB)",
+            "table": {"columns": ["site", "arch", "d_sae", "k", *QUALITY_HEADERS],
+                      "rows": [[row["site"], row["architecture"], row["d_sae"], row["k"] or "-",
+                                *(_cell(row[key]) for key in QUALITY)] for row in info["saes"]]},
+            "notes": notes}
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def pack_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 

@@ -31,6 +31,7 @@ class AuditApp(App):
     TITLE = "auditui"
     BINDINGS = [
         Binding("f1", "help", "Help"),
+        Binding("f2", "pack_quality", "SAE pack quality", show=False),
         Binding("escape", "cancel_job", "Cancel job", show=False),
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("ctrl+q", "quit", "Quit", show=False),
@@ -150,11 +151,29 @@ class AuditApp(App):
                 for key, (_node, binding, _enabled, _tip) in self.screen.active_bindings.items()]
         self.push_screen(Help(rows, getattr(self.screen, "HELP", "")))
 
+    def action_pack_quality(self) -> None:
+        """Show the loaded pack's per-SAE quality (read off the UI thread, like every engine call)."""
+        from auditui.tui.screens.pack import PackQuality
+
+        if isinstance(self.screen, PackQuality):
+            return
+
+        def read(ctx: JobContext) -> dict:
+            from auditui.engine.packs import pack_info
+
+            pack = ctx.state["engine"].bank.pack
+            if pack is None:
+                raise AuditError("no SAE pack is loaded (start auditui with --pack NAME)")
+            return pack_info(pack.path)["summary"]
+        self.submit("pack quality", read, on_done=lambda summary: self.push_screen(PackQuality(summary)))
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Toggle light/dark theme", "Switch between the auditui themes", self.action_toggle_theme)
         yield SystemCommand("Cancel the running job", "Same as Escape", self.action_cancel_job)
         yield SystemCommand("Keys", "Show the keys of this screen (F1)", self.action_help)
+        yield SystemCommand("SAE pack quality", "Variance explained, L0, dead latents, spliced-in loss (F2)",
+                            self.action_pack_quality)
         for key, active in screen.active_bindings.items():  # every key of the screen, by name
             binding = active.binding
             if active.node is screen and binding.description:

@@ -1,0 +1,31 @@
+"""The loaded SAE pack's quality per SAE (variance explained, L0, dead latents, spliced-in loss)."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Label
+
+
+class PackQuality(ModalScreen[None]):
+    """A pack summary ({"headline", "table", "notes"}, from `auditui.engine.packs.pack_info`)."""
+
+    BINDINGS = [Binding("escape,f2,q", "dismiss(None)", "Close")]
+
+    def __init__(self, summary: dict):
+        super().__init__()
+        self.summary = summary
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog pack"):
+            yield Label(Text(self.summary["headline"], style="bold"))
+            table: DataTable = DataTable(cursor_type="row", id="pack-table")
+            table.add_columns(*self.summary["table"]["columns"])
+            for row in self.summary["table"]["rows"]:
+                table.add_row(*(Text(str(cell)) for cell in row))
+            yield table
+            for note in self.summary["notes"]:
+                yield Label(Text(note))
