@@ -56,7 +56,7 @@ def matmul_flops(n: int, d: int, m: int, repeats: int = 5) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--feature", default=None, help="root feature (default: middle layer, latent 123)")
+    parser.add_argument("--feature", default=None, help="root feature (default: the middle layer's latent with the highest s^R)")
     parser.add_argument("--width", type=int, default=2048)
     args = parser.parse_args()
     user = load_settings()
@@ -77,7 +77,13 @@ def main() -> None:
 
         engine = fresh_engine()
         residual = [s for s in engine.bank.sites if s.kind in ("resid_post", "resid_pre")]
-        feature = args.feature or f"{residual[len(residual) // 2]}/123"
+        middle = len(residual) // 2
+        with torch.no_grad():  # s^R of every latent at the middle residual site (max cosine vs the previous one)
+            s_res = (engine.bank.decoder(residual[middle]) @ engine.bank.decoder(residual[middle - 1]).T).amax(1)
+        print(f"s^R at {residual[middle]}: median {float(s_res.median()):.3f}, "
+              f"{float((s_res > 0.5).float().mean()):.1%} of latents > 0.5")
+        # Default root: the best-connected latent there, so the graph spans layers.
+        feature = args.feature or f"{residual[middle]}/{int(s_res.argmax())}"
         thresholds = Thresholds(cut=-1.0) if source.startswith("random") else Thresholds()
         print(f"{lm.model_id}, {source}; root {feature}, thresholds {thresholds.to_dict()}")
 
