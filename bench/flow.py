@@ -24,6 +24,7 @@ from auditui.engine.flow import Thresholds, build_flow_graph, flow_index, precom
 from auditui.engine.model import load_model
 from auditui.engine.saes import SAEBank, resolve_pack_dir, write_pack_manifest
 from auditui.engine.sites import Site
+from auditui.engine.transitions import top_cosines
 from auditui.errors import AuditError
 from auditui.testing import build_tiny_sae
 
@@ -78,8 +79,8 @@ def main() -> None:
         engine = fresh_engine()
         residual = [s for s in engine.bank.sites if s.kind in ("resid_post", "resid_pre")]
         middle = len(residual) // 2
-        with torch.no_grad():  # s^R of every latent at the middle residual site (max cosine vs the previous one)
-            s_res = (engine.bank.decoder(residual[middle]) @ engine.bank.decoder(residual[middle - 1]).T).amax(1)
+        # s^R of every latent at the middle residual site (max cosine vs the previous one), in chunks
+        s_res = top_cosines(engine.bank.decoder(residual[middle]), engine.bank.decoder(residual[middle - 1]), 1).values[:, 0]
         print(f"s^R at {residual[middle]}: median {float(s_res.median()):.3f}, "
               f"{float((s_res > 0.5).float().mean()):.1%} of latents > 0.5")
         # Default root: the best-connected latent there, so the graph spans layers.

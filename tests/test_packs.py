@@ -20,14 +20,14 @@ import torch
 from typer.testing import CliRunner
 
 from auditui.cli import app
-from auditui.engine.corpus import (Source, archive_members, clean_wikitext, load_source, token_sequences,
+from auditui.engine.corpus import (archive_members, clean_wikitext, load_source, token_sequences,
                                    wiki_documents)
-from auditui.engine.packs import build_pack, list_packs, partial_dir, valid_tokens
+from auditui.engine.packs import TrainState, build_pack, fit_budget, list_packs, partial_dir, valid_tokens
 from auditui.engine.sae_training import TopKTrainer, TrainConfig
 from auditui.engine.saes import SAEBank, weights_digest
 from auditui.engine.sites import Site, SiteHooks
 from auditui.errors import AuditError
-from helpers import TEXT, TINY_SOURCES, tiny_plan
+from helpers import TINY_SOURCES, tiny_plan
 
 runner = CliRunner()
 # -- corpus ------------------------------------------------------------------------------------
@@ -280,10 +280,26 @@ def test_a_changed_plan_restarts_the_work_folder(tiny_models, tmp_path):
 def test_time_budget_lowers_the_token_target(tiny_models, tmp_path):
     plan = tiny_plan("budget", model=str(tiny_models["llama"]), layers=(0,), train_tokens=50_000,
                      build_minutes=0.0005, eval_minutes=0)
-    path = build_pack(plan, tmp_path, "cpu", "float32", sources=TINY_SOURCES)
+    events: list[tuple] = []
+    path = build_pack(plan, tmp_path, "cpu", "float32", progress=lambda *e: events.append(e), sources=TINY_SOURCES)
     training = json.loads((path / "pack.json").read_text())["training"]
     assert 4 * 512 <= training["tokens_per_sae"] < 50_000
     assert training["budget_seconds"] == 1.0 and training["train_seconds"] < 10
+    assert any("undertrained" in str(e[0]) for e in events)
+
+
+def test_refitting_in_the_decay_phase_only_lowers_the_target():
+    trainer = TopKTrainer(8, TrainConfig(d_sae=16, k=2, total_tokens=1000), torch.device("cpu"), 1.0, torch.zeros(8))
+    trainer.tokens = 800  # past 1 - decay_fraction = 70% of the target
+    state = TrainState({Site(0, "resid_post"): trainer}, seconds=1.0, budget_seconds=10.0, total_tokens=1000)
+    fit_budget(state, tiny_plan(train_tokens=10**6), available=10**6)  # 800 tok/s x 10 s = 8000 > 1000
+    assert state.total_tokens == trainer.total_tokens == 1000
+    state.seconds = 20.0  # slower: 40 tok/s x 10 s = 400 -> lowered (the run ends, lr only went down)
+    fit_budget(state, tiny_plan(train_tokens=10**6), available=10**6)
+    assert state.total_tokens == trainer.total_tokens == 512  # never below one batch of tiny_plan
+    trainer.tokens, state.total_tokens, state.seconds = 100, 1000, 0.05  # before the decay: free to grow
+    fit_budget(state, tiny_plan(train_tokens=10**6), available=10**6)
+    assert state.total_tokens == trainer.total_tokens == 20_000  # 2000 tok/s x 10 s
 
 
 # -- CLI ---------------------------------------------------------------------------------------
@@ -308,7 +324,8 @@ def test_pack_cli_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("AUDITUI_CACHE_DIR", str(tmp_path))
     cases = [(["pack", "info", "demo"], "auditui pack build demo"),
              (["pack", "build", "x", "--layers", "5-2", "--model", str(tmp_path)], "layers"),
-             (["pack", "build", "x", "--k", "0", "--model", str(tmp_path)], "--k")]
+             (["pack", "build", "x", "--k", "0", "--model", str(tmp_path)], "--k"),
+             (["pack", "build", "x", "--minutes", "4", "--model", str(tmp_path)], "--minutes")]
     for args, fragment in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and "error: " in result.output and fragment in result.output, result.output

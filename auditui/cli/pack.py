@@ -66,6 +66,8 @@ def build(name: NameArg = DEFAULT_PACK, model: ModelOpt = None, device: DeviceOp
     plan = replace(plan, **{key: value for key, value in overrides.items() if value is not None})
     if plan.batch_tokens < 1 or plan.train_tokens < plan.batch_tokens or not 1 <= plan.k <= plan.d_sae:
         raise AuditError("need 1 <= --batch <= --tokens and 1 <= --k <= --width")
+    if 0 < plan.build_minutes <= plan.eval_minutes:
+        raise AuditError(f"--minutes must be 0 (no limit) or more than the {plan.eval_minutes:g} min kept for evaluation")
     bars, progress = _bar()
     with bars:
         path = build_pack(plan, settings.cache_path, settings.device, settings.dtype, progress, force=force)
@@ -74,9 +76,9 @@ def build(name: NameArg = DEFAULT_PACK, model: ModelOpt = None, device: DeviceOp
 
 def pack_info_data(name: str, cache_dir: Path) -> dict:
     from auditui.engine.packs import pack_info
-    from auditui.engine.saes import resolve_pack_dir
+    from auditui.engine.saes import read_pack, resolve_pack_dir
 
-    return pack_info(resolve_pack_dir(name, cache_dir))
+    return pack_info(read_pack(resolve_pack_dir(name, cache_dir)))
 
 
 def _print_info(data: dict) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ast
 import bz2
 import fnmatch
-import hashlib
 import html
 import random
 import re
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from auditui.engine.model import file_digest
 from auditui.errors import AuditError
 
 Reader = Callable[[bytes], list[str]]
@@ -216,14 +216,6 @@ def archive_members(archive: Path, patterns: tuple[str, ...]) -> dict[str, bytes
     return dict(sorted(out.items()))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class SourceText:
     source: Source
@@ -242,7 +234,7 @@ def load_source(source: Source, download_dir: Path) -> SourceText:
         if not members:
             raise AuditError(f"{archive.name} holds no file matching {', '.join(source.members)}")
         docs = [doc for data in members.values() for doc in source.reader(data)]
-        provenance = {"origin": source.origin, "archive": archive.name, "sha256": sha256_file(archive),
+        provenance = {"origin": source.origin, "archive": archive.name, "sha256": file_digest(archive),
                       "files": list(members), "description": source.description}
     if not docs:
         raise AuditError(f"corpus source {source.name} gave no text")

@@ -39,7 +39,7 @@ from torch import Tensor
 from auditui.engine.corpus import DEFAULT_SOURCES, Source, TokenCorpus, load_source, token_sequences
 from auditui.engine.model import LoadedModel, load_model
 from auditui.engine.sae_training import TopKTrainer, TrainConfig, norm_scale
-from auditui.engine.saes import MANIFEST, packs_root, read_pack, write_pack_manifest
+from auditui.engine.saes import MANIFEST, PackInfo, packs_root, read_pack, write_pack_manifest
 from auditui.engine.sites import Site, SiteHooks, _first_tensor
 from auditui.errors import AuditError
 
@@ -238,7 +238,7 @@ def save_checkpoint(work: WorkDir, state: TrainState, seq_len: int) -> None:
     buffered = sum(len(t) for t in next(iter(state.buffers.values()), []))
     resume_at = state.next_window - math.ceil(buffered / (seq_len - 1))
     save_atomic({"next_window": resume_at, "seconds": state.seconds, "cpu_seconds": state.cpu_seconds,
-                 "total_tokens": state.total_tokens,
+                 "total_tokens": state.total_tokens, "budget_seconds": state.budget_seconds,
                  "trainers": {str(s): _trainer_state(t) for s, t in state.trainers.items()}}, work.checkpoint)
 
 
@@ -247,7 +247,8 @@ def load_checkpoint(work: WorkDir, sites: list[Site], device: torch.device) -> T
         return TrainState({}, buffers={site: [] for site in sites})
     saved = torch.load(work.checkpoint, weights_only=False)
     trainers = {Site.parse(s): _trainer_from_state(t, device) for s, t in saved["trainers"].items()}
-    return TrainState(trainers, saved["next_window"], saved["seconds"], saved["cpu_seconds"], saved["total_tokens"],
+    return TrainState(trainers, saved["next_window"], seconds=saved["seconds"], cpu_seconds=saved["cpu_seconds"],
+                      budget_seconds=saved["budget_seconds"], total_tokens=saved["total_tokens"],
                       buffers={site: [] for site in sites})
 
 
@@ -258,6 +259,9 @@ def fit_budget(state: TrainState, plan: BuildPlan, available: int) -> None:
     total = min(plan.train_tokens, available)
     if state.budget_seconds > 0:
         total = min(total, int(state.tokens / state.seconds * state.budget_seconds))
+    decay = next(iter(state.trainers.values())).cfg.decay_fraction
+    if state.tokens > (1 - decay) * state.total_tokens:
+        total = min(total, state.total_tokens)  # in the decay phase: the learning rate only goes down
     state.total_tokens = max(plan.batch_tokens, total)
     for trainer in state.trainers.values():
         trainer.total_tokens = state.total_tokens
@@ -268,7 +272,7 @@ def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCor
     """Stream the training windows through the model once; every site's trainer steps on its tokens.
     `budget_seconds` (> 0) bounds the wall-clock training time, resumed runs included."""
     state = load_checkpoint(work, sites, lm.device)
-    state.budget_seconds = budget_seconds
+    state.budget_seconds = state.budget_seconds or budget_seconds  # a resumed build keeps its first budget
     if state.trainers:
         progress(f"resuming training at {state.tokens:,} of {state.total_tokens:,} tokens", 0, 0)
     state.total_tokens = state.total_tokens or plan.train_tokens
@@ -498,7 +502,11 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
     corpus = prepare_corpus(work, plan, lm, sources, cache_dir / "corpus", say)
     budget = 0.0
     if plan.build_minutes > 0 and lm.device.type == "cpu":  # a GPU build is fast: no budget
-        budget = max(1.0, 60 * (plan.build_minutes - plan.eval_minutes) - (time.perf_counter() - started))
+        left = 60 * (plan.build_minutes - plan.eval_minutes) - (time.perf_counter() - started)
+        if left < 15 * (plan.build_minutes - plan.eval_minutes):  # under a quarter of the training time
+            say(f"warning: only {max(left, 0):.0f} s of the {plan.build_minutes:g} min budget are left for "
+                "training; the SAEs will be undertrained (raise --minutes)", 0, 0)
+        budget = max(1.0, left)
     state = train_saes(work, plan, lm, corpus, sites, say, checkpoint_seconds, budget)
     say("train", state.total_tokens, state.total_tokens)
     saved = save_saes(work, state, lm)
@@ -546,10 +554,9 @@ QUALITY = ("variance_explained", "l0", "dead_fraction", "loss_clean", "loss_spli
 QUALITY_HEADERS = ("var expl", "L0", "dead", "loss", "loss+SAE", "CE rec")
 
 
-def pack_info(pack_dir: Path) -> dict:
+def pack_info(pack: PackInfo) -> dict:
     """A pack's manifest as a report: build facts, per-SAE quality rows, and a run-style summary
     ({"headline", "table", "notes"}) that the CLI and the TUI both show."""
-    pack = read_pack(pack_dir)
     manifest = pack.manifest
     rows = [{"site": site, **{key: entry.get(key) for key in ("architecture", "d_sae", "k", *QUALITY)}}
             for site, entry in manifest["saes"].items()]

@@ -48,6 +48,7 @@ class AuditApp(App):
         self.job_status: tuple[str, float, float] | None = None
         self.jobs = EngineQueue(self.post_message)
         self.theme_pair = BUILT_IN
+        self.pack: Any = None  # the loaded SAE pack's PackInfo (manifest), once the engine is up
 
     # -- start-up ------------------------------------------------------------------------------
     def on_mount(self) -> None:
@@ -68,8 +69,8 @@ class AuditApp(App):
             self.submit("load model", self._load_engine, on_done=self._engine_loaded,
                         on_error=self._engine_failed, needs_engine=False)
 
-    def _load_engine(self, ctx: JobContext) -> tuple[str, list[str]]:
-        """On the engine thread: the Engine into the shared state; (status line, SAE warnings) back."""
+    def _load_engine(self, ctx: JobContext) -> tuple[str, list[str], Any]:
+        """On the engine thread: the Engine into the shared state; (status line, SAE warnings, pack) back."""
         from auditui.engine import open_engine
 
         ctx.progress(0, 0, f"loading {self.settings.model}")
@@ -77,10 +78,10 @@ class AuditApp(App):
         ctx.state["engine"] = engine
         lm, bank = engine.lm, engine.bank
         saes = (f"{len(bank)} SAEs" + (f" ({bank.pack.name})" if bank.pack else "")) if len(bank) else "no SAEs"
-        return f"{lm.model_id} · {lm.n_layers} layers · {saes} · {lm.device}", list(bank.warnings)
+        return f"{lm.model_id} · {lm.n_layers} layers · {saes} · {lm.device}", list(bank.warnings), bank.pack
 
-    def _engine_loaded(self, result: tuple[str, list[str]]) -> None:
-        self.engine_status, warnings = result
+    def _engine_loaded(self, result: tuple[str, list[str], Any]) -> None:
+        self.engine_status, warnings, self.pack = result
         self._sync_status()
         for warning in warnings:
             self.notify(warning, title="SAEs", severity="warning", timeout=10, markup=False)
@@ -152,20 +153,17 @@ class AuditApp(App):
         self.push_screen(Help(rows, getattr(self.screen, "HELP", "")))
 
     def action_pack_quality(self) -> None:
-        """Show the loaded pack's per-SAE quality (read off the UI thread, like every engine call)."""
+        """Show the loaded pack's per-SAE quality (its manifest is in memory: no engine job, so F2
+        works while a long job runs)."""
+        from auditui.engine.packs import pack_info
         from auditui.tui.screens.pack import PackQuality
 
         if isinstance(self.screen, PackQuality):
             return
-
-        def read(ctx: JobContext) -> dict:
-            from auditui.engine.packs import pack_info
-
-            pack = ctx.state["engine"].bank.pack
-            if pack is None:
-                raise AuditError("no SAE pack is loaded (start auditui with --pack NAME)")
-            return pack_info(pack.path)["summary"]
-        self.submit("pack quality", read, on_done=lambda summary: self.push_screen(PackQuality(summary)))
+        if self.pack is None:
+            self.notify("no SAE pack is loaded (start auditui with --pack NAME)", severity="error", markup=False)
+            return
+        self.push_screen(PackQuality(pack_info(self.pack)["summary"]))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

@@ -17,7 +17,6 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import count
 from typing import Any
 
 from textual.message import Message
@@ -25,7 +24,6 @@ from textual.message import Message
 from auditui.errors import AuditError
 
 log = logging.getLogger("auditui.tui")
-_ids = count(1)
 
 
 class JobCancelled(Exception):
@@ -38,7 +36,6 @@ class Job:
     fn: Callable[[JobContext], Any]
     on_done: Callable[[Any], None] | None = None
     on_error: Callable[[str], None] | None = None
-    id: int = field(default_factory=lambda: next(_ids))
     cancel: threading.Event = field(default_factory=threading.Event)
 
 

@@ -7,7 +7,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Label
+from textual.widgets import Label
+
+from auditui.tui.widgets.summary import summary_table
 
 
 class PackQuality(ModalScreen[None]):
@@ -22,10 +24,6 @@ class PackQuality(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog pack"):
             yield Label(Text(self.summary["headline"], style="bold"))
-            table: DataTable = DataTable(cursor_type="row", id="pack-table")
-            table.add_columns(*self.summary["table"]["columns"])
-            for row in self.summary["table"]["rows"]:
-                table.add_row(*(Text(str(cell)) for cell in row))
-            yield table
+            yield summary_table(self.summary, cursor_type="row", id="pack-table")
             for note in self.summary["notes"]:
                 yield Label(Text(note))

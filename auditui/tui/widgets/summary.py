@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.text import Text
+from textual.widgets import DataTable
 
 
 def summary_text(summary: dict) -> Text:
@@ -16,3 +17,12 @@ def summary_text(summary: dict) -> Text:
     for note in summary.get("notes", []):
         text.append(f"{note}\n", style="dim")
     return text
+
+
+def summary_table(summary: dict, **kwargs) -> DataTable:
+    """A run summary's table as a DataTable (cells as literal text, never markup)."""
+    table: DataTable = DataTable(**kwargs)
+    table.add_columns(*summary["table"]["columns"])
+    for row in summary["table"]["rows"]:
+        table.add_row(*(Text(str(cell)) for cell in row))
+    return table
