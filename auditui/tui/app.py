@@ -22,7 +22,7 @@ from auditui.store import Store
 from auditui.tui.guard import guard_call
 from auditui.tui.jobs import EngineQueue, Job, JobContext, JobDone, JobFailed, JobProgress, JobStarted
 from auditui.tui.screens.dialogs import Help
-from auditui.tui.themes import BUILT_IN, dark_and_light, load_themes
+from auditui.tui.themes import dark_and_light, load_themes
 from auditui.tui.widgets.status import StatusBar
 
 
@@ -47,15 +47,14 @@ class AuditApp(App):
         self.engine_error = ""
         self.job_status: tuple[str, float, float] | None = None
         self.jobs = EngineQueue(self.post_message)
-        self.theme_pair = BUILT_IN
         self.pack: Any = None  # the loaded SAE pack's PackInfo (manifest), once the engine is up
 
     # -- start-up ------------------------------------------------------------------------------
     def on_mount(self) -> None:
         for theme in load_themes():
             self.register_theme(theme)
-        self.theme_pair = dark_and_light(self.available_themes)
-        self.theme = self.settings.theme if self.settings.theme in self.available_themes else self.theme_pair[0]
+        self.theme = (self.settings.theme if self.settings.theme in self.available_themes
+                      else dark_and_light(self.available_themes)[0])
         self.theme_changed_signal.subscribe(self, self._remember_theme)
         self.jobs.start(self.run_worker)
         try:
@@ -142,7 +141,7 @@ class AuditApp(App):
             self.notify("cancelling…", timeout=2)
 
     def action_toggle_theme(self) -> None:
-        dark, light = self.theme_pair
+        dark, light = dark_and_light(self.available_themes)
         self.theme = light if self.theme == dark else dark
 
     def action_help(self) -> None:
