@@ -46,7 +46,7 @@ def tiny_tokenizer():
 
 def tiny_config(family: str, vocab_size: int, n_layers: int = 3, d_model: int = 64):
     """A transformers config for a tiny model of `family` (4 heads; GQA where the family has it)."""
-    from transformers import GPT2Config, Gemma2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+    from transformers import Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=2, pad_token_id=0)
     if family == "gpt2":

@@ -45,3 +45,25 @@ def tiny_plan(name: str = "tiny", **overrides) -> BuildPlan:
                   ce_sequences=2, seq_len=64, seqs_per_forward=4, batch_tokens=512, chat_fraction=0.3)
     values.update(overrides)
     return BuildPlan(**values)
+
+
+class Probe:
+    """A Progress that records every call and stops once `stop(events)` says so."""
+
+    def __init__(self, stop=lambda events: False):
+        self.events: list[tuple[float, float, str]] = []
+        self.stop = stop
+
+    def progress(self, done: float, total: float, message: str = "") -> None:
+        self.events.append((done, total, message))
+
+    def should_stop(self) -> bool:
+        return bool(self.stop(self.events))
+
+
+def attribution(engine, store, session_id: int, sites, progress=None, **request) -> int:
+    """`workflows.attribute.attribute` with the request's fields as keywords; the run id."""
+    from auditui.progress import QUIET
+    from auditui.workflows.attribute import AttributeRequest, attribute
+
+    return attribute(store, engine, session_id, AttributeRequest(sites=tuple(sites), **request), progress or QUIET)

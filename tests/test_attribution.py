@@ -6,19 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import labelled_session
+from helpers import Probe, attribution, labelled_session
 from scipy.stats import spearmanr
 
-from auditui.config import Settings
 from auditui.engine import Engine
-from auditui.engine.attribution import (NO_PAIRS, POSITIONS, attribute_batch, check_latents, feeds, grad_leaf,
-                                        run_attribution, run_deltas, spearman)
-from auditui.engine.reference import TokenSeq, reference_means
+from auditui.engine.attribution import NO_PAIRS, POSITIONS, attribute_batch, feeds, grad_leaf, spearman
+from auditui.engine.reference import TokenSeq
 from auditui.engine.saes import SAEBank, resolve_pack_dir
 from auditui.engine.sites import Site, SiteHooks
 from auditui.errors import AuditError
+from auditui.progress import Cancelled
 from auditui.store.database import Store
 from auditui.testing import build_tiny_pack, build_tiny_sae
+from auditui.workflows.attribute import attribution_run, check_latents, run_deltas
+from auditui.workflows.reference import reference_means
 
 SPEC = [
     ("Is the sky blue?", [("Yes, it is.", "positive"), ("No way!", "negative"), ("Sure thing", "positive")]),
@@ -33,7 +34,7 @@ SPANS = {  # the chosen positions of each mode, written out independently of the
 
 def make_engine(lm, specs: list[Path], root: Path) -> Engine:
     bank = SAEBank.from_specs([str(s) for s in specs], root, device=lm.device, model=lm.model).attach(lm)
-    return Engine(Settings(), lm, bank)
+    return Engine(lm, bank, root)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def per_latent_deltas(lm, site: Site, seq: TokenSeq, directions: torch.Tensor, m
     out = []
     for d in directions:
         coef = torch.zeros(len(seq), requires_grad=True)
-        with SiteHooks(lm.model, edits={site: lambda h, start, d=d: h + coef[None, :, None] * d}):
+        with SiteHooks(lm.model, edits={site: lambda h, pos, d=d, coef=coef: h + coef[None, :, None] * d}):
             loss = completion_loss(lm.model(ids[None]).logits[0], ids, seq.n_prompt)
         (grad,) = torch.autograd.grad(loss, coef)  # dL/d(a_t·d_i) = g_t·d_i
         out.append(-grad.double() * ((acts - mean.double()) @ d.double()))
@@ -150,7 +151,7 @@ def test_attribution_matches_mean_ablation_where_the_model_is_near_linear(engine
     base = engine_for("llama")
     lm, site = base.lm, Site(1, "resid_post")
     session_id = labelled_session(store, lm, SPEC)
-    mean = reference_means(base, store, session_id, [site]).means[site]
+    mean = reference_means(store, base, session_id, [site]).means[site]
     deviations = []
     for prompt in store.prompts(session_id):
         with torch.no_grad(), SiteHooks(lm.model, reads=[site]) as hooks:
@@ -167,24 +168,24 @@ def test_attribution_matches_mean_ablation_where_the_model_is_near_linear(engine
         sae.W_dec.copy_(directions)
     sae.save_model(tmp_path / "near-linear")
     engine = make_engine(lm, [tmp_path / "near-linear"], tmp_path)
-    run_id = run_attribution(engine, store, session_id, [site], top_k=n_latents, check=n_latents)
-    rows = store.run(run_id)["result"]["rows"]
+    run_id = attribution(engine, store, session_id, [site], top_k=n_latents, check=n_latents)
+    rows = attribution_run(store, run_id)["result"]["rows"]
     assert len(rows) == n_latents and all(r["exact"] is not None for r in rows)
     for row in rows:
         assert abs(row["exact"]) > 1e-5, row
         assert (row["delta_attr"] > 0) == (row["exact"] > 0), row
         assert abs(row["delta_attr"] - row["exact"]) <= 0.05 * abs(row["exact"]), row
-    assert store.run(run_id)["result"]["spearman"] > 0.9
+    assert attribution_run(store, run_id)["result"]["spearman"] > 0.9
 
 
 def test_delta_attribution_is_antisymmetric_in_the_labels(engine_for, store):
     engine = engine_for("llama")
     session_id = labelled_session(store, engine.lm, SPEC)
     sites = [Site(1, "mlp_out"), Site(2, "resid_post")]
-    first = run_attribution(engine, store, session_id, sites, top_k=10, positions="completion")
+    first = attribution(engine, store, session_id, sites, top_k=10, positions="completion")
     for completion in store.completions(session_id=session_id):
         store.set_label(completion["id"], {"positive": "negative", "negative": "positive"}[completion["label"]])
-    second = run_attribution(engine, store, session_id, sites, top_k=10, positions="completion")
+    second = attribution(engine, store, session_id, sites, top_k=10, positions="completion")
     before, after = run_deltas(store, first), run_deltas(store, second)
     assert set(before) == {"1/mlp_out|attr", "1/mlp_out|act", "2/resid_post|attr", "2/resid_post|act"}
     for name, vector in before.items():
@@ -209,8 +210,8 @@ def test_delta_weights_each_prompt_equally_with_uneven_label_counts(engine_for, 
     engine = engine_for("llama")
     sites = [Site(1, "mlp_out"), Site(2, "resid_post")]
     session_id = labelled_session(store, engine.lm, UNEVEN)
-    run_id = run_attribution(engine, store, session_id, sites, top_k=5, positions="all", batch_size=3)
-    means = reference_means(engine, store, session_id, sites).means  # the run's stored ā
+    run_id = attribution(engine, store, session_id, sites, top_k=5, positions="all", batch_size=3)
+    means = reference_means(store, engine, session_id, sites).means  # the run's stored ā
     per_prompt, pooled = [], {"positive": [], "negative": []}
     for prompt in store.prompts(session_id):
         scores: dict[str, list] = {"positive": [], "negative": []}
@@ -250,7 +251,7 @@ def test_pairs_without_both_labels_are_refused(engine_for, store):
     for spec in (only_positive, [("Hi", [("Hello", "unlabelled")])]):
         session_id = labelled_session(store, engine.lm, spec)
         with pytest.raises(AuditError, match=f"^{NO_PAIRS}$"):
-            run_attribution(engine, store, session_id, [Site(1, "mlp_out")])
+            attribution(engine, store, session_id, [Site(1, "mlp_out")])
         assert store.runs(session_id, "attribution") == []
 
 
@@ -258,9 +259,9 @@ def test_bad_requests_are_one_line_errors(engine_for, store):
     engine = engine_for("llama")
     session_id = labelled_session(store, engine.lm, SPEC)
     with pytest.raises(AuditError, match="no SAE for site 2/mlp_out"):
-        run_attribution(engine, store, session_id, [Site(2, "mlp_out")])
+        attribution(engine, store, session_id, [Site(2, "mlp_out")])
     with pytest.raises(AuditError, match="unknown positions 'middle'"):
-        run_attribution(engine, store, session_id, [Site(1, "mlp_out")], positions="middle")
+        attribution(engine, store, session_id, [Site(1, "mlp_out")], positions="middle")
 
 
 def test_reference_mean_is_the_mean_of_the_session_texts_and_is_reused(engine_for, store, tmp_path):
@@ -268,7 +269,7 @@ def test_reference_mean_is_the_mean_of_the_session_texts_and_is_reused(engine_fo
     lm = engine.lm
     session_id = labelled_session(store, lm, SPEC)
     sites = [Site(1, "mlp_out"), Site(2, "resid_post")]
-    reference = reference_means(engine, store, session_id, sites)
+    reference = reference_means(store, engine, session_id, sites)
     rows = {site: [] for site in sites}
     for prompt in store.prompts(session_id):
         for i, completion in enumerate(store.completions(prompt_id=prompt["id"])):
@@ -281,32 +282,32 @@ def test_reference_mean_is_the_mean_of_the_session_texts_and_is_reused(engine_fo
     for site in sites:
         torch.testing.assert_close(reference.means[site], torch.cat(rows[site]).mean(dim=0), rtol=1e-5, atol=1e-6)
     runs = store.runs(session_id, "reference_mean")
-    again = reference_means(engine, store, session_id, [Site(2, "resid_post"), Site(0, "resid_pre")])
+    again = reference_means(store, engine, session_id, [Site(2, "resid_post"), Site(0, "resid_pre")])
     assert again.runs[Site(2, "resid_post")] == runs[0]["id"] and again.runs[Site(0, "resid_pre")] != runs[0]["id"]
     assert len(store.runs(session_id, "reference_mean")) == 2
     text = tmp_path / "ref.txt"
     text.write_text("A different text entirely, about rivers and mountains. " * 10)
-    from_file = reference_means(engine, store, session_id, sites, text_file=text)
+    from_file = reference_means(store, engine, session_id, sites, text_file=text)
     assert not torch.allclose(from_file.means[sites[0]], reference.means[sites[0]])
-    assert reference_means(engine, store, session_id, sites, text_file=text).runs == from_file.runs
+    assert reference_means(store, engine, session_id, sites, text_file=text).runs == from_file.runs
     store.add_completion(store.prompts(session_id)[0]["id"], "New", [78, 101, 119], 9, {})
-    assert reference_means(engine, store, session_id, sites).runs[sites[0]] not in {r["id"] for r in runs}
+    assert reference_means(store, engine, session_id, sites).runs[sites[0]] not in {r["id"] for r in runs}
 
 
 def test_cancel_marks_the_run_and_a_stopped_check_keeps_the_result(engine_for, store):
     engine = engine_for("llama")
     session_id = labelled_session(store, engine.lm, SPEC)
     site = Site(1, "mlp_out")
-    cancelled = run_attribution(engine, store, session_id, [site], should_stop=lambda: True)
+    with pytest.raises(Cancelled):
+        attribution(engine, store, session_id, [site], progress=Probe(stop=lambda events: True))
+    cancelled = store.runs(session_id, "attribution")[-1]["id"]
     assert store.run(cancelled)["status"] == "cancelled" and store.run(cancelled)["result"] is None
-    checked: list[int] = []
 
-    def progress(done: int, total: int, message: str) -> None:
-        if message.startswith("exact check"):
-            checked.append(done)
-    run_id = run_attribution(engine, store, session_id, [site], top_k=5, check=4, on_progress=progress,
-                             should_stop=lambda: len(checked) >= 2)
-    run = store.run(run_id)
+    def checked(events) -> list:
+        return [done for done, _, message in events if message.startswith("exact check")]
+    run_id = attribution(engine, store, session_id, [site], top_k=5, check=4,
+                         progress=Probe(stop=lambda events: len(checked(events)) >= 2))
+    run = attribution_run(store, run_id)
     assert run["status"] == "done" and run["result"]["n_checked"] == 2
     assert any("stopped after 2 of 4" in note for note in run["summary"]["notes"])
 
@@ -315,23 +316,23 @@ def test_check_latents_beyond_the_top_k_and_spearman(engine_for, store):
     engine = engine_for("llama")
     session_id = labelled_session(store, engine.lm, SPEC)
     site = Site(2, "resid_post")
-    run_id = run_attribution(engine, store, session_id, [site], top_k=3, positions="all")
+    run_id = attribution(engine, store, session_id, [site], top_k=3, positions="all")
     attr = run_deltas(store, run_id)["2/resid_post|attr"]
     order = attr.argsort()
     far, top = int(order[0]), order[-3:].tolist()  # the lowest Δ-attr latent; the top 3 (in the stored rows)
-    rows = check_latents(engine, store, run_id, [("2/resid_post", far), *((site, i) for i in top)])
+    rows = check_latents(store, engine, run_id, [("2/resid_post", far), *((site, i) for i in top)])
     assert {r["latent"] for r in rows} == {far, *top} and all(r["exact"] is not None for r in rows)
-    result = store.run(run_id)["result"]
+    result = attribution_run(store, run_id)["result"]
     far_row = next(r for r in result["rows"] if r["latent"] == far)
     assert far_row["rank"] == attr.shape[0] and far_row["delta_attr"] == pytest.approx(float(attr[far]))
     expected = spearmanr([r["delta_attr"] for r in rows], [r["exact"] for r in rows]).statistic  # 4 points
     assert result["n_checked"] == 4 and result["spearman"] == pytest.approx(expected)
     assert result["sites"]["2/resid_post"]["spearman"] == pytest.approx(expected)
-    assert "Spearman" in store.run(run_id)["summary"]["headline"]
+    assert "Spearman" in attribution_run(store, run_id)["summary"]["headline"]
     with pytest.raises(AuditError, match="did not attribute site 1/mlp_out"):
-        check_latents(engine, store, run_id, [(Site(1, "mlp_out"), 0)])
+        check_latents(store, engine, run_id, [(Site(1, "mlp_out"), 0)])
     with pytest.raises(AuditError, match="latents 0..127"):
-        check_latents(engine, store, run_id, [(site, 500)])
+        check_latents(store, engine, run_id, [(site, 500)])
 
 
 def test_spearman_by_hand():
@@ -370,7 +371,7 @@ def test_smollm2_attribution_tracks_exact_ablation(smollm2, tmp_path):
             tokens = [t for t in row if t != lm.tokenizer.eos_token_id]
             completion_id = store.add_completion(prompt_id, lm.tokenizer.decode(tokens), tokens, i, {})
             store.set_label(completion_id, "positive" if i % 2 == 0 else "negative")
-    run_id = run_attribution(engine, store, session_id, [site], top_k=20, check=20)
+    run_id = attribution(engine, store, session_id, [site], top_k=20, check=20)
     result = store.run(run_id)["result"]
     print(f"\nSmolLM2 {site} ({pack.name}): Spearman over top {result['n_checked']} = {result['spearman']:.3f}")
     for row in result["rows"][:20]:

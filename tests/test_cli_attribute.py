@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from auditui.cli import app
 from auditui.engine.model import load_model
 from auditui.store.database import Store
+from auditui.workflows.attribute import attribution_run
 
 runner = CliRunner()
 SPEC = [("Is the sky blue?", [("Yes, it is.", "positive"), ("No way!", "negative")]),
@@ -38,7 +39,7 @@ def test_attribute_json_round_trip(session_db, tiny_models, tiny_packs):
                                       "--positions", "all", "--json"))
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    run = Store(session_db).run(data["run_id"])
+    run = attribution_run(Store(session_db), data["run_id"])
     assert run["kind"] == "attribution" and run["status"] == data["status"] == "done"
     assert run["result"] == data["result"] and run["summary"] == data["summary"]
     assert run["params"]["sites"] == ["1/resid_post", "2/mlp_out"] and run["params"]["positions"] == "all"

@@ -107,3 +107,22 @@ def test_ctrl_c_and_abort_print_interrupted_and_exit_130(tmp_path):
     assert proc.returncode == 130 and stderr == "interrupted\n", stderr
     proc = subprocess.run([sys.executable, str(script), "eof"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130 and proc.stderr.strip() == "interrupted", proc.stderr
+
+
+def test_doctor_names_each_package_that_differs_from_the_lock(tmp_path):
+    from importlib import metadata
+
+    from auditui.cli.setup import doctor_checks
+    from auditui.config import Settings
+
+    lock = tmp_path / "lock.txt"
+    torch_version = metadata.version("torch")  # e.g. 2.13.0+cpu: the lock pins 2.13.0
+    lock.write_text(f"# comment\ntorch=={torch_version.split('+')[0]}\ntyper==0.0.1\nno-such-package==1.0\n")
+    checks = {c["check"]: c for c in doctor_checks(Settings(pack=""), load=False, lock=lock)}
+    assert "lock torch" not in checks
+    assert checks["lock typer"]["detail"] == f"installed {metadata.version('typer')}, locked 0.0.1"
+    assert checks["lock no-such-package"]["detail"] == "installed nothing, locked 1.0"
+    assert not checks["lock typer"]["ok"] and "setup.sh" in checks["lock typer"]["fix"]
+    lock.write_text(f"typer=={metadata.version('typer')}\n")
+    checks = {c["check"]: c for c in doctor_checks(Settings(pack=""), load=False, lock=lock)}
+    assert checks["lock"]["ok"] and [c for c in checks if c.startswith("lock")] == ["lock"]

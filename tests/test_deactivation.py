@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from auditui.config import load_settings
 from auditui.engine import Engine
 from auditui.engine.deactivation import deactivation_summary, deactivation_test, rescale_edit
 from auditui.engine.flow import text_ids
@@ -55,7 +54,7 @@ def test_rescale_edit_equals_a_hand_edited_hidden_state(loaded):
         np.testing.assert_allclose(edited[site][0].numpy(), hand, atol=1e-4)
         assert not np.allclose(edited[site][0].numpy()[pos], h[pos], atol=1e-2)
         hand_tensor = torch.tensor(hand, dtype=torch.float32).unsqueeze(0)
-        reference = run(lm, ids, [later], {site: lambda _h, _start, t=hand_tensor: t})
+        reference = run(lm, ids, [later], {site: lambda _h, _pos, t=hand_tensor: t})
         torch.testing.assert_close(edited[later], reference[later], atol=1e-4, rtol=1e-4)
     # r = 1 is a no-op
     same = run(lm, ids, [site], {site: rescale_edit(sae, [latents], pos, 1.0)})
@@ -91,9 +90,8 @@ def planted_chain(tmp_path_factory):
         saved[site] = root / "pack" / f"{site.kind}_{site.layer}"
         sae.save_model(saved[site])
     write_pack_manifest(root / "pack", "chain", "tiny", saved)
-    settings = load_settings(cache_dir=str(root / "cache"), device="cpu", dtype="float32")
     bank = SAEBank.from_specs([str(root / "pack")], root / "cache", model=lm.model).attach(lm)
-    return Engine(settings, lm, bank), ids, pos, u
+    return Engine(lm, bank, root / "cache"), ids, pos, u
 
 
 def test_r0_on_the_exact_predecessor_turns_the_target_off(planted_chain):

@@ -12,22 +12,32 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from auditui.config import load_settings
 from auditui.engine import Engine
-from auditui.engine.flow import (FlowGraph, Thresholds, build_flow_graph, classify, graph_summary, layer_rows,
-                                 predecessor_groups, step_scores, store_flow_graph, text_ids, to_dot, to_mermaid)
+from auditui.engine.flow import (
+    FlowGraph,
+    Thresholds,
+    build_flow_graph,
+    classify,
+    graph_summary,
+    layer_rows,
+    predecessor_groups,
+    step_scores,
+    text_ids,
+    to_dot,
+    to_mermaid,
+)
 from auditui.engine.saes import SAEBank, write_pack_manifest
 from auditui.engine.sites import Site, SiteHooks
 from auditui.engine.transitions import TransitionCache
 from auditui.errors import AuditError
 from auditui.store.database import Store
 from auditui.testing import build_tiny_pack, build_tiny_sae
+from auditui.workflows.flow import record_flow
 
 
 def make_engine(lm, specs: list[Path], cache: Path) -> Engine:
-    settings = load_settings(cache_dir=str(cache), device="cpu", dtype="float32")
     bank = SAEBank.from_specs([str(s) for s in specs], cache, device=lm.device, model=lm.model).attach(lm)
-    return Engine(settings, lm, bank)
+    return Engine(lm, bank, cache)
 
 
 def unit_decoders(pack_dir: Path) -> dict[str, np.ndarray]:
@@ -327,7 +337,7 @@ def test_exports_and_stored_run(planted, loaded, tmp_path):
     assert mermaid.count(" -->|") == len(graph.edges) and all(node in mermaid for node in graph.nodes)
     store = Store(tmp_path / "s.db")
     session = store.create_session("flow")
-    run_id = store_flow_graph(store, session, graph, engine)
+    run_id = record_flow(store, engine, session, graph)
     run = store.run(run_id)
     assert run["kind"] == "flow" and run["status"] == "done" and run["params"]["root"] == "2/resid_post/5"
     assert run["params"]["model"] == "tiny-llama" and run["params"]["pack"] == "planted"

@@ -9,14 +9,13 @@ import pytest
 import torch
 from helpers import labelled_session
 
-from auditui.config import Settings
-from auditui.engine import Engine
-from auditui.engine import labels
-from auditui.engine.labels import logit_lens, token_strings, top_snippets
+from auditui.engine import Engine, labels
+from auditui.engine.labels import logit_lens, token_strings
 from auditui.engine.model import load_model
 from auditui.engine.saes import SAEBank
 from auditui.engine.sites import Site, SiteHooks
 from auditui.store.database import Store
+from auditui.workflows.snippets import session_snippets
 
 SPEC = [("Is the sky blue?", [("Yes, it is.", "positive"), ("No way!", "negative")]),
         ("Tell me a joke", [("Why did the chicken", "negative"), ("No.", "positive")]),
@@ -62,7 +61,7 @@ def test_token_strings_spell_the_text(loaded):
 def test_top_snippets_find_the_strongest_texts_with_per_token_activations(loaded, tiny_packs, tmp_path):
     lm = loaded("llama")
     bank = SAEBank.from_specs([str(tiny_packs["llama"])], tmp_path, device=lm.device, model=lm.model).attach(lm)
-    engine = Engine(Settings(), lm, bank)
+    engine = Engine(lm, bank, tmp_path)
     store = Store(tmp_path / "s.db")
     session_id = labelled_session(store, lm, SPEC)
     site = Site(1, "resid_post")
@@ -81,7 +80,7 @@ def test_top_snippets_find_the_strongest_texts_with_per_token_activations(loaded
     expected = sorted(((float(codes[first:, latent].max()), cid, ids, first + int(codes[first:, latent].argmax()),
                         codes[:, latent]) for cid, ids, first, codes in texts if codes[first:, latent].max() > 0),
                       key=lambda item: -item[0])
-    snippets = top_snippets(engine, store, session_id, site, latent, k=3, before=4, after=2)
+    snippets = session_snippets(store, engine, session_id, site, latent, k=3, before=4, after=2)
     assert len(snippets) == min(3, len(expected)) >= 2
     for snippet, (best, cid, ids, position, values) in zip(snippets, expected, strict=False):
         assert snippet["completion_id"] == cid and snippet["position"] == position

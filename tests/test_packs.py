@@ -17,17 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_SOURCES, tiny_plan
 from typer.testing import CliRunner
 
 from auditui.cli import app
-from auditui.engine.corpus import (archive_members, clean_wikitext, load_source, token_sequences,
-                                   wiki_documents)
+from auditui.engine.corpus import archive_members, clean_wikitext, load_source, token_sequences, wiki_documents
 from auditui.engine.packs import TrainState, build_pack, fit_budget, list_packs, partial_dir, valid_tokens
 from auditui.engine.sae_training import TopKTrainer, TrainConfig
 from auditui.engine.saes import SAEBank, weights_digest
 from auditui.engine.sites import Site, SiteHooks
 from auditui.errors import AuditError
-from helpers import TINY_SOURCES, tiny_plan
 
 runner = CliRunner()
 # -- corpus ------------------------------------------------------------------------------------
@@ -215,7 +214,7 @@ def test_spliced_loss_matches_a_full_forward_with_the_sae(built, loaded):
     site = Site(1, "mlp_out")
     sae = bank.sae(site)
 
-    def splice(h, start):
+    def splice(h, pos):
         out = sae(h)
         out[:, 0] = h[:, 0]  # position 0 passes through
         return out

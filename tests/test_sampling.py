@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import Probe
 from scipy.stats import chisquare
 
-from auditui.engine.sampling import (SamplingParams, sample_completions, sample_into_session,
-                                     sampling_processors)
+from auditui.engine.sampling import SamplingParams, sample_completions, sampling_processors
 from auditui.engine.sites import Site
 from auditui.errors import AuditError
 from auditui.store import Store
+from auditui.workflows.sample import SampleRequest, sample
 
 PROMPT = "Tell me a story about a cat."
 
@@ -101,9 +102,8 @@ def _eos_after(lm, prompt_len: int, steps_by_row: list[int]):
     eos = lm.tokenizer.eos_token_id
     direction = lm.model.get_output_embeddings().weight[eos].detach()  # [d_model]
 
-    def edit(h: torch.Tensor, start: int) -> torch.Tensor:  # h [batch, seq, d_model]
-        positions = torch.arange(start, start + h.shape[1])  # absolute positions of this pass
-        due = positions[None, :] >= prompt_len - 1 + torch.tensor(steps_by_row)[:, None]  # [batch, seq]
+    def edit(h: torch.Tensor, pos) -> torch.Tensor:  # h [batch, seq, d_model]
+        due = pos.token >= prompt_len - 1 + torch.tensor(steps_by_row)[:, None]  # [batch, seq]
         return h + 50.0 * due[..., None].to(h.dtype) * direction
     return {Site(lm.n_layers - 1, "resid_post"): edit}
 
@@ -144,17 +144,17 @@ def test_cancel_mid_batch_and_between_batches(loaded):
     lm = loaded("llama")
     ids = lm.prompt_ids(PROMPT)
     params = SamplingParams(max_new_tokens=20)
-    calls = []
-    out = sample_completions(lm, ids, 8, params, seed=0, batch_size=4,
-                             should_stop=lambda: len(calls) >= 6, on_progress=lambda d, t: calls.append((d, t)))
+    probe = Probe(stop=lambda events: len(events) >= 6)
+    out = sample_completions(lm, ids, 8, params, seed=0, batch_size=4, progress=probe)
+    calls = [(d, t) for d, t, _ in probe.events]
     assert len(out) == 4 and all(s.finish_reason == "cancelled" for s in out)
     assert all(len(s.token_ids) == 6 for s in out) and calls[-1] == (24, 160)
     full = sample_completions(lm, ids, 4, params, seed=0)
     assert [s.token_ids[:6] for s in full] == [s.token_ids for s in out]
 
-    progress: list[tuple[int, int]] = []
-    out = sample_completions(lm, ids, 8, params, seed=0, batch_size=4, on_progress=lambda d, t: progress.append((d, t)),
-                             should_stop=lambda: bool(progress) and progress[-1][0] >= 80)
+    probe = Probe(stop=lambda events: bool(events) and events[-1][0] >= 80)
+    out = sample_completions(lm, ids, 8, params, seed=0, batch_size=4, progress=probe)
+    progress = [(d, t) for d, t, _ in probe.events]
     assert [s.token_ids for s in out] == [s.token_ids for s in full] and progress[-1] == (80, 160)
     steps = [d for d, _ in progress]
     assert steps == sorted(steps) and steps[:2] == [4, 8]
@@ -167,13 +167,15 @@ def test_sample_into_session_stores_everything_and_commits_batch_by_batch(loaded
     watcher = Store(tmp_path / "s.db")  # a second connection sees only committed rows
     seen_during_second_batch = []
 
-    def on_progress(done: int, total: int) -> None:
-        if 3 * 16 < done < 6 * 16:
+    def watch(events) -> bool:
+        if events and 3 * 16 < events[-1][0] < 6 * 16:
             seen_during_second_batch.append(len(watcher.completions(session_id)))
+        return False
 
     params = SamplingParams(temperature=0.9, top_p=0.8, max_new_tokens=16, system="Be terse.")
-    prompt_id, ids = sample_into_session(store, lm, session_id, PROMPT, 7, params, seed=42, batch_size=3,
-                                         on_progress=on_progress, pack_id="tiny")
+    done = sample(store, lm, session_id, SampleRequest(PROMPT, 7, params, seed=42, batch_size=3), Probe(stop=watch),
+                  pack_id="tiny")
+    prompt_id, ids = done.prompt_id, done.completion_ids
     assert seen_during_second_batch and set(seen_during_second_batch) == {3}
     prompt = store.prompt(prompt_id)
     assert prompt["text"] == PROMPT and prompt["system"] == "Be terse." and prompt["chat"] == 1
@@ -197,20 +199,21 @@ def test_sample_into_session_raw_random_seed_and_errors(loaded, tmp_path):
     store = Store(tmp_path / "s.db")
     session_id = store.create_session("s")
     raw = SamplingParams(chat=False, max_new_tokens=4)
-    first = sample_into_session(store, lm, session_id, "plain text", 2, raw)
-    second = sample_into_session(store, lm, session_id, "plain text", 2, raw)
+    first = sample(store, lm, session_id, SampleRequest("plain text", 2, raw))
+    second = sample(store, lm, session_id, SampleRequest("plain text", 2, raw))
     seeds = [c["seed"] for c in store.completions(session_id)]
     assert seeds[1] == seeds[0] + 1 and seeds[3] == seeds[2] + 1 and seeds[0] != seeds[2]
-    assert store.prompt(first[0])["chat"] == 0 and store.prompt(second[0])["prompt_ids"] == lm.prompt_ids(
+    assert store.prompt(first.prompt_id)["chat"] == 0 and store.prompt(second.prompt_id)["prompt_ids"] == lm.prompt_ids(
         "plain text", chat=False)
     n_prompts = len(store.prompts(session_id))
     for prompt, params in (("  ", raw), ("x" * 600, raw), ("hi", SamplingParams(chat=False, system="s"))):
         with pytest.raises(AuditError):
-            sample_into_session(store, lm, session_id, prompt, 2, params)
+            sample(store, lm, session_id, SampleRequest(prompt, 2, params))
     assert len(store.prompts(session_id)) == n_prompts  # a refused request stores no prompt
-    stopped = sample_into_session(store, lm, session_id, "plain text", 4, raw, batch_size=2,
-                                  should_stop=lambda: True)
-    assert stopped[1] == [] and len(store.prompts(session_id)) == n_prompts + 1
+    stopped = sample(store, lm, session_id, SampleRequest("plain text", 4, raw, batch_size=2),
+                     Probe(stop=lambda events: True))
+    assert stopped.completion_ids == [] and len(store.prompts(session_id)) == n_prompts + 1
+    assert stopped.cancelled and store.run(stopped.run_id)["status"] == "cancelled"
 
 
 @pytest.mark.slow

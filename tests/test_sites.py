@@ -40,7 +40,7 @@ def test_reads_match_hidden_states_and_decompose(family, loaded):
 
 
 def _add(v: torch.Tensor):
-    return lambda h, start: h + v
+    return lambda h, pos: h + v
 
 
 def test_write_resid_pre0_equals_edited_embeddings(family, loaded):
@@ -119,8 +119,8 @@ def test_generation_edits_prompt_pass_and_every_new_token(family, loaded):
     v = 3.0 * torch.randn(lm.d_model)
     calls: list[tuple[int, int]] = []
 
-    def edit(h: torch.Tensor, start: int) -> torch.Tensor:
-        calls.append((start, h.shape[1]))
+    def edit(h: torch.Tensor, pos) -> torch.Tensor:
+        calls.append((pos.start, h.shape[1]))
         return h + v
 
     site = Site(1, "resid_pre")
@@ -171,3 +171,56 @@ def test_hf_module_paths_map_to_sites(loaded):
     assert site_from_hook_name("model.layers.2", lm.model) == Site(2, "resid_post")
     assert site_from_hook_name("model.layers.0.mlp", lm.model) == Site(0, "mlp_out")
     assert site_from_hook_name("model.layers.1.self_attn", lm.model) == Site(1, "attn_out")
+
+
+@pytest.mark.parametrize("scope", ["generated", "prompt"])
+def test_left_padded_batch_edits_exactly_the_scoped_tokens_of_each_row(family, loaded, scope):
+    """Prompts of different lengths, left-padded, KV-cached: an edit restricted to each row's generated
+    (or prompt) tokens touches exactly those tokens and equals a hand loop per row without cache."""
+    lm = loaded(family)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, len(lm.tokenizer), (n,), generator=gen).tolist() for n in (5, 11, 8)]
+    lengths = torch.tensor([len(p) for p in prompts])  # [rows]
+    width, n_new, pad = int(lengths.max()), 5, lm.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # [rows, width]
+    mask = (torch.arange(width)[None, :] >= width - lengths[:, None]).long()  # [rows, width]
+    v = 4.0 * torch.randn(lm.d_model, generator=gen)
+    site = Site(1, "resid_pre")
+
+    def in_scope(pos, rows: torch.Tensor) -> torch.Tensor:  # [batch, seq] bool
+        own = lengths[rows][:, None]
+        return pos.token >= own if scope == "generated" else (pos.token >= 0) & (pos.token < own)
+
+    touched: set[tuple[int, int]] = set()
+
+    def batched_edit(h: torch.Tensor, pos) -> torch.Tensor:
+        hit = in_scope(pos, torch.arange(h.shape[0]))
+        touched.update((int(r), int(pos.token[r, t])) for r, t in hit.nonzero().tolist())
+        return h + hit[..., None].to(h.dtype) * v
+
+    with torch.no_grad(), SiteHooks(lm.model, edits={site: batched_edit}):
+        out = lm.model.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                                do_sample=False, use_cache=True, pad_token_id=pad)
+    generated = out[:, width:].tolist()
+    own_span = {"generated": lambda n: range(n, n + n_new - 1), "prompt": lambda n: range(n)}[scope]
+    assert touched == {(r, t) for r, n in enumerate(lengths.tolist()) for t in own_span(n)}
+    for r, prompt in enumerate(prompts):  # independent: one row, no padding, no cache, full recompute
+        row = torch.tensor([prompt])
+        with torch.no_grad(), SiteHooks(lm.model, edits={site: lambda h, pos, r=r: h + in_scope(
+                pos, torch.tensor([r]))[..., None].to(h.dtype) * v}):
+            for _ in range(n_new):
+                row = torch.cat([row, lm.model(row, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        assert row[0, len(prompt):].tolist() == generated[r]
+
+
+def test_positions_fail_loudly_without_position_information(loaded):
+    from auditui.engine.sites import forward_positions
+
+    embeds = torch.zeros(2, 3, 8)
+    assert forward_positions((), {"inputs_embeds": embeds}).token.tolist() == [[0, 1, 2]] * 2
+    with pytest.raises(AuditError, match="cannot read the position"):
+        forward_positions((), {"inputs_embeds": embeds, "past_state": object()})
+    with pytest.raises(AuditError, match="narrower"):
+        forward_positions((), {"inputs_embeds": embeds, "attention_mask": torch.ones(2, 2)})
+    legacy = forward_positions((), {"inputs_embeds": embeds, "cache_position": torch.arange(4, 7)})
+    assert legacy.start == 4 and legacy.columns.tolist() == [4, 5, 6]

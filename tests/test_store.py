@@ -298,3 +298,36 @@ def test_each_thread_uses_its_own_connection(tmp_path):
     assert errors == []
     assert sorted(c["text"] for c in store.completions(session_id)) == sorted(
         f"{k}-{i}" for k in range(4) for i in range(50))
+
+
+def test_a_v1_database_made_by_wave_1_migrates_in_place_and_keeps_every_row(tmp_path):
+    """tests/data/v1_session.db was written by the wave-1 code (CLI: session new, sample, label,
+    attribute --check, flow --save, flow deactivate --save, a steering-set feature)."""
+    import shutil
+
+    path = tmp_path / "v1.db"
+    shutil.copy(Path(__file__).parent / "data" / "v1_session.db", path)
+    before = sqlite3.connect(path)
+    assert before.execute("PRAGMA user_version").fetchone()[0] == 1
+    rows = {table: before.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+            for table in ("sessions", "prompts", "completions", "labels", "runs", "blobs", "features")}
+    pairs = before.execute("SELECT * FROM pairs ORDER BY prompt_id").fetchall()
+    before.close()
+    store = Store(path)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert store.integrity_check() == "ok"
+    after = store.db.conn
+    for table, old in rows.items():
+        width = len(old[0])  # v2 only appends columns (labels: the same columns, a wider key)
+        new = [row[:width] for row in after.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()]
+        assert sorted(new) == sorted(old), table
+    assert after.execute("SELECT * FROM pairs ORDER BY prompt_id").fetchall() == pairs
+    assert all(c["intervention"] is None for c in store.completions(1))
+    assert [p["prompt_id"] for p in store.pairs(1)] == [1, 2]
+    # a judge's label now sits beside the person's instead of replacing it
+    store.set_label(1, "negative", labeller="judge:echo")
+    assert store.labels(1) == {"judge:echo": "negative", "user": "positive"}
+    assert store.completion(1)["label"] == "positive"
+    run = store.run(store.start_run(1, "attribution_check", {}, {"model_id": "m"}, parent_id=2))
+    assert run["parent_id"] == 2 and run["provenance"] == {"model_id": "m"}
+    assert [r["id"] for r in store.child_runs(2)] == [run["id"]]

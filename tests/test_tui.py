@@ -321,9 +321,10 @@ def test_tui_writes_text_as_utf8():
 
 
 async def test_f2_shows_the_loaded_packs_quality(tmp_path, tiny_models):
+    from helpers import TINY_SOURCES, tiny_plan
+
     from auditui.engine.packs import build_pack
     from auditui.tui.screens.pack import PackQuality
-    from helpers import TINY_SOURCES, tiny_plan
 
     pack = build_pack(tiny_plan(model=str(tiny_models["llama"]), layers=(1,)), tmp_path / "cache", "cpu", "float32",
                       sources=TINY_SOURCES)

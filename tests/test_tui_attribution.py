@@ -11,6 +11,7 @@ from auditui.store import Store
 from auditui.tui.app import AuditApp
 from auditui.tui.screens.attribution import AttributionScreen
 from auditui.tui.screens.flow import FlowScreen
+from auditui.workflows.attribute import attribution_run
 
 SPEC = [("Is the sky blue?", [("Yes, it is blue.", "positive"), ("No idea at all.", "negative")]),
         ("Say hi", [("Hello there!", "positive"), ("Go away now.", "negative"), ("Hm.", "negative")])]
@@ -39,7 +40,7 @@ async def test_attribution_screen(tmp_path, tiny_models, tiny_packs, loaded):
         table.move_cursor(row=1)
         await pilot.press("c")
         await wait_idle(app, pilot)
-        checked = store.run(run["id"])["result"]["rows"][1]
+        checked = attribution_run(store, run["id"])["result"]["rows"][1]
         assert checked["exact"] is not None
         assert cells(app.screen.query_one("#ranked", DataTable))[1][7] == f"{checked['exact']:+.3g}"
         # where it fires
@@ -55,7 +56,7 @@ async def test_attribution_screen(tmp_path, tiny_models, tiny_packs, loaded):
         await pilot.press("f")
         await wait_idle(app, pilot)
         assert isinstance(app.screen, FlowScreen)
-        assert store.runs(session_id, "flow")[-1]["result"]["root"] == "2/resid_post/%d" % shown[residual][1]
+        assert store.runs(session_id, "flow")[-1]["result"]["root"] == f"2/resid_post/{shown[residual][1]}"
     # a new app shows the last run again
     app = AuditApp(settings, load_engine=False)
     async with app.run_test(size=SIZE) as pilot:

@@ -47,7 +47,7 @@ async def test_flow_screen(tmp_path, tiny_models, tiny_packs):
         table.move_cursor(row=expected.index("2/resid_post/5"))
         await pilot.press("x")
         await pilot.pause()
-        await pilot.press("enter", "enter", "enter")
+        await pilot.press("enter", "enter", "enter", "enter")
         await wait_idle(app, pilot)
         runs = store.runs(session_id, "deactivation")
         assert len(runs) == 1 and runs[0]["result"]["target"] == "2/resid_post/5"

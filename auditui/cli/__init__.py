@@ -14,7 +14,6 @@ from typer.core import TyperGroup
 from auditui.cli.common import DbOpt, DeviceOpt, DtypeOpt, ModelOpt, PackOpt, settings_from
 from auditui.errors import AuditError
 
-
 INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 

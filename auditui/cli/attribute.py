@@ -2,7 +2,7 @@
 
 The completions come from the session database as stored token ids (prompt ids + completion ids;
 nothing is re-tokenized). `--json` prints {run_id, session_id, status, params, summary, result}
-with `result` as documented in `auditui.engine.attribution`.
+with `result` as documented in `auditui.engine.attribution` (exact checks merged in).
 """
 
 from __future__ import annotations
@@ -13,9 +13,22 @@ from typing import Annotated
 import typer
 
 from auditui.cli import app
-from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SaeOpt, SessionOpt, emit,
-                                engine_for, open_store, print_summary, progress_printer, settings_from)
-from auditui.errors import AuditError
+from auditui.cli.common import (
+    DbOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    PackOpt,
+    Printer,
+    SaeOpt,
+    SessionOpt,
+    emit,
+    engine_for,
+    open_store,
+    print_summary,
+    settings_from,
+)
 
 SiteOpt = Annotated[list[str] | None, typer.Option(
     "--site", help="LAYER/KIND to attribute, repeatable (default: every site with an SAE)")]
@@ -39,22 +52,19 @@ def attribute(site: SiteOpt = None,
               session_id: SessionOpt = None, model: ModelOpt = None, pack: PackOpt = None, sae: SaeOpt = None,
               device: DeviceOpt = None, dtype: DtypeOpt = None, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Rank SAE latents by Δ-attribution (positive minus negative completions) with a Δ-activation baseline."""
-    from auditui.engine.attribution import check_positions, pair_plan, run_attribution
     from auditui.engine.sites import Site
+    from auditui.workflows.attribute import AttributeRequest, attribution_run, pair_plan
+    from auditui.workflows.attribute import attribute as attribute_workflow
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
-    sites = [Site.parse(text) for text in site or []]
-    check_positions(positions)
-    if reference is not None and not reference.is_file():
-        raise AuditError(f"reference text file not found: {reference}")
-    say = progress_printer(as_json)
+    request = AttributeRequest(sites=tuple(Site.parse(text) for text in site or []), top_k=top, positions=positions,
+                               check=check, reference=str(reference) if reference else None, batch_size=batch)
+    request.validate()
     with open_store(db) as store:
         sid = store.resolve_session(session_id)
         pair_plan(store, sid, positions)  # refuse before loading the model
-        engine = engine_for(settings, sae, as_json)
-        run_id = run_attribution(engine, store, sid, sites or engine.bank.sites, top_k=top, positions=positions,
-                                 check=check, reference=reference, batch_size=batch,
-                                 on_progress=lambda done, total, message: say(f"{message} {done}/{total}"))
-        run = store.run(run_id)
+        engine = engine_for(settings, sae)
+        run = attribution_run(store, attribute_workflow(store, engine, sid, request, Printer()))
+        run_id = run["id"]
     emit({"run_id": run_id, "session_id": sid, "status": run["status"], "params": run["params"],
           "summary": run["summary"], "result": run["result"]}, as_json, _print_run)

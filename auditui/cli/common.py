@@ -36,16 +36,11 @@ def settings_from(**flags: Any) -> Settings:
     return load_settings(**flags)
 
 
-def sae_specs(settings: Settings, sae: list[str] | None) -> list[str]:
-    """The pack (unless --pack '') plus any --sae sources."""
-    return ([settings.pack] if settings.pack else []) + list(sae or [])
-
-
-def engine_for(settings: Settings, sae: list[str] | None, as_json: bool) -> Engine:
+def engine_for(settings: Settings, sae: list[str] | None, as_json: bool = False) -> Engine:
     """The settings' model with its pack and any --sae sources; loading progress on stderr."""
-    from auditui.engine import open_engine
+    from auditui.workflows.engine import open_engine, sae_specs
 
-    return open_engine(settings, sae_specs(settings, sae), progress=progress_printer(as_json))
+    return open_engine(settings, sae_specs(settings, sae), progress=Printer())
 
 
 @contextmanager
@@ -85,8 +80,21 @@ def print_summary(summary: dict, headline: str | None = None) -> None:
         console.print(Text(f"note: {note}"))
 
 
-def progress_printer(as_json: bool) -> Callable[[str], None]:
-    """Progress lines go to stderr, so stdout stays clean JSON."""
-    def say(message: str) -> None:
-        typer.echo(f"... {message}", err=True)
-    return say
+class Printer:
+    """The CLI's Progress: lines on stderr (stdout stays clean JSON), one per message without a count
+    and one per tenth of a counted phase. It never asks to stop: Ctrl-C interrupts the command."""
+
+    def __init__(self) -> None:
+        self._shown: tuple[str, int] | None = None
+
+    def progress(self, done: float, total: float, message: str = "") -> None:
+        if not total:
+            typer.echo(f"... {message}", err=True)
+            return
+        tenth = int(10 * done // total)
+        if self._shown != (message, tenth):
+            self._shown = (message, tenth)
+            typer.echo(f"... {message} {int(100 * done // total)}%", err=True)
+
+    def should_stop(self) -> bool:
+        return False

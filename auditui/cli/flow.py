@@ -2,9 +2,12 @@
 deactivation test (`auditui flow deactivate`) and transition-table precomputation (`flow tables`).
 
     auditui flow --pack P --feature 12/resid_post/1234 [--k 1] [--direction both] [--json|--dot|--mermaid]
-                 [--save | --db FILE | --session ID]     # store the graph as a run of kind "flow"
-    auditui flow deactivate --feature 12/resid_post/1234 --text "..." --token -1 [--r 0] [--json]
+                 [--session ID] [--no-save]
+    auditui flow deactivate --feature 12/resid_post/1234 --text "..." --token -1 [--r 0] [--chat] [--json]
     auditui flow tables [--k 5]
+
+Graphs and deactivation tests are stored as runs in the session (given, or the most recent one), as
+the TUI stores them; --no-save skips that, and a database without sessions stores nothing.
 """
 
 from __future__ import annotations
@@ -16,24 +19,41 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from auditui.cli import AuditGroup, app
-from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SaeOpt, SessionOpt, emit,
-                                engine_for, open_store, print_summary, progress_printer, settings_from)
+from auditui.cli.common import (
+    DbOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    PackOpt,
+    SaeOpt,
+    SessionOpt,
+    emit,
+    engine_for,
+    open_store,
+    print_summary,
+    settings_from,
+)
 from auditui.errors import AuditError
 
 if TYPE_CHECKING:
+    from auditui.engine import Engine
     from auditui.store.database import Store
 
 FeatureOpt = Annotated[str | None, typer.Option("--feature", "-f", help="LAYER/KIND/INDEX, e.g. 12/resid_post/1234")]
-SaveOpt = Annotated[bool, typer.Option("--save", help="store the result as a run in the session database")]
+SaveOpt = Annotated[bool, typer.Option("--save/--no-save", help="store the result as a run in the session")]
 
 flow_app = typer.Typer(cls=AuditGroup, invoke_without_command=True, add_completion=False,
                        help="Flow graphs of SAE features across layers (seed 001).")
 app.add_typer(flow_app, name="flow")
 
 
-def _save(db: str | None, session: int | None, write: Callable[[Store, int], int]) -> int:
-    """Run `write(store, session_id)` on the session database (session: given or latest); the run id."""
+def _save(db: str | None, session: int | None, write: Callable[[Store, int], int]) -> int | None:
+    """Run `write(store, session_id)` on the session (given, or the latest one if any); the run id."""
     with open_store(db) as store:
+        if session is None and store.latest_session_id() is None:
+            typer.echo(f"not stored: {store.path} has no session yet", err=True)
+            return None
         run_id = write(store, store.resolve_session(session))
     typer.echo(f"stored as run {run_id} in {store.path}", err=True)
     return run_id
@@ -51,7 +71,7 @@ def flow(ctx: typer.Context, feature: FeatureOpt = None,
          dot: bool = typer.Option(False, "--dot", help="print Graphviz DOT"),
          mermaid: bool = typer.Option(False, "--mermaid", help="print a Mermaid flowchart"),
          model: ModelOpt = None, pack: PackOpt = None, sae: SaeOpt = None, device: DeviceOpt = None,
-         dtype: DtypeOpt = None, db: DbOpt = None, session: SessionOpt = None, save: SaveOpt = False) -> None:
+         dtype: DtypeOpt = None, db: DbOpt = None, session: SessionOpt = None, save: SaveOpt = True) -> None:
     """Build the flow graph of a residual feature backward to layer 0 and forward to the last layer."""
     if ctx.invoked_subcommand is not None:
         return
@@ -59,17 +79,17 @@ def flow(ctx: typer.Context, feature: FeatureOpt = None,
         raise AuditError("give a feature: auditui flow --feature LAYER/KIND/INDEX (e.g. 12/resid_post/1234)")
     if as_json + dot + mermaid > 1:
         raise AuditError("choose one of --json, --dot, --mermaid")
-    from auditui.engine.flow import (Thresholds, build_flow_graph, graph_summary, store_flow_graph, to_dot,
-                                     to_mermaid)
+    from auditui.engine.flow import graph_summary, to_dot, to_mermaid
+    from auditui.workflows.flow import FlowRequest, flow_graph, record_flow
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
-    engine = engine_for(settings, sae, as_json or dot or mermaid)
-    graph = build_flow_graph(engine, feature, k=k, direction=direction,
-                             thresholds=Thresholds(cut=t_res, module=t_module), label_tokens=labels,
-                             build_tables=tables)
+    engine = engine_for(settings, sae)
+    request = FlowRequest(feature, k=k, direction=direction, t_res=t_res, t_module=t_module, labels=labels,
+                          build_tables=tables)
+    graph = flow_graph(engine, request)
     data = graph.to_dict()
-    if save or session is not None or db is not None:
-        data["run_id"] = _save(db, session, lambda store, sid: store_flow_graph(store, sid, graph, engine))
+    if save:
+        data["run_id"] = _save(db, session, lambda store, sid: record_flow(store, engine, sid, graph))
     if dot or mermaid:
         typer.echo(to_dot(graph) if dot else to_mermaid(graph), nl=False)
         return
@@ -85,20 +105,22 @@ def deactivate(feature: FeatureOpt = None,
                chat: bool = typer.Option(False, "--chat", help="wrap the text in the chat template"),
                as_json: JsonOpt = False, model: ModelOpt = None, pack: PackOpt = None, sae: SaeOpt = None,
                device: DeviceOpt = None, dtype: DtypeOpt = None, db: DbOpt = None,
-               session: SessionOpt = None, save: SaveOpt = False) -> None:
+               session: SessionOpt = None, save: SaveOpt = True) -> None:
     """Rescale a feature's top-1 / top-5 / random-of-top-5 predecessors at one token (section 5.2)."""
     if feature is None:
         raise AuditError("give a feature: auditui flow deactivate --feature LAYER/KIND/INDEX --text ...")
-    from auditui.engine.deactivation import deactivation_summary, deactivation_test, store_deactivation
-    from auditui.engine.flow import text_ids
+    from auditui.engine.deactivation import deactivation_summary
+    from auditui.workflows.flow import DeactivateRequest, record_deactivation
+    from auditui.workflows.flow import deactivate as deactivate_workflow
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
-    engine = engine_for(settings, sae, as_json)
-    result = deactivation_test(engine, feature, text_ids(engine.lm, text, chat=chat), token, r=r, seed=seed)
+    engine = engine_for(settings, sae)
+    request = DeactivateRequest(feature, text, token=token, r=r, seed=seed, chat=chat)
+    result = deactivate_workflow(engine, request)
     summary = deactivation_summary(result)
-    if save or session is not None or db is not None:
-        result["run_id"] = _save(db, session,
-                                 lambda store, sid: store_deactivation(store, sid, engine, result, text, chat))
+    if save:
+        run_id = _save(db, session, lambda store, sid: record_deactivation(store, engine, sid, request, result))
+        result = {**result, "run_id": run_id}
     emit(result, as_json, lambda _: print_summary(summary))
 
 
@@ -110,9 +132,9 @@ def tables(k: int = typer.Option(5, "--k", help="matches kept per row (at least 
     from auditui.engine.flow import precompute_tables
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype)
-    engine = engine_for(settings, sae, as_json)
+    engine: Engine = engine_for(settings, sae)
     started = time.perf_counter()
-    pairs = precompute_tables(engine, k, progress_printer(as_json))
+    pairs = precompute_tables(engine, k, lambda message: typer.echo(f"... {message}", err=True))
     data = {"tables": len(pairs), "seconds": round(time.perf_counter() - started, 3),
             "cache": str(settings.cache_path / "flow")}
     emit(data, as_json, lambda d: typer.echo(f"{d['tables']} transition tables ready in {d['cache']} "

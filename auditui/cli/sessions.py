@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from auditui.cli import app
-from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SessionOpt, emit, open_store,
-                                progress_printer, settings_from)
-from auditui.config import Settings
+from auditui.cli.common import (
+    DbOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    PackOpt,
+    Printer,
+    SessionOpt,
+    emit,
+    open_store,
+    settings_from,
+)
 from auditui.errors import AuditError
 
 session_app = typer.Typer(help="Create, list, show, rename and delete sessions.", no_args_is_help=True)
@@ -107,30 +116,6 @@ def session_delete(session_id: int, yes: Annotated[bool, typer.Option("--yes", h
 
 
 # -- sample -------------------------------------------------------------------------------------
-def _pack_id(settings: Settings) -> str:
-    """The pack's name as the engine records it; "" when there is none (sampling never loads SAEs)."""
-    from auditui.engine.saes import read_pack, resolve_pack_dir
-
-    if not settings.pack:
-        return ""
-    try:
-        return read_pack(resolve_pack_dir(settings.pack, settings.cache_path)).name
-    except AuditError:
-        return ""
-
-
-def _progress_lines(say: Callable[[str], None]) -> Callable[[int, int], None]:
-    """on_progress for the terminal: one stderr line per 10% of the token steps."""
-    shown = [-1]
-
-    def report(done: int, total: int) -> None:
-        tenth = 10 * done // total
-        if tenth != shown[0]:
-            shown[0] = tenth
-            say(f"sampling {100 * done // total}%")
-    return report
-
-
 def _print_samples(result: dict) -> None:
     typer.echo(f"prompt {result['prompt_id']} in session {result['session_id']} (seed {result['seed']})")
     for c in result["completions"]:
@@ -152,7 +137,10 @@ def sample(prompt: Annotated[str, typer.Option("--prompt", help="the user prompt
            device: DeviceOpt = None, dtype: DtypeOpt = None, as_json: JsonOpt = False) -> None:
     """Sample N completions of a prompt into the session (each reproducible from its seed)."""
     from auditui.engine.model import load_model
-    from auditui.engine.sampling import SamplingParams, check_counts, random_seed, sample_into_session
+    from auditui.engine.sampling import SamplingParams, check_counts, random_seed
+    from auditui.workflows.engine import pack_label
+    from auditui.workflows.sample import SampleRequest
+    from auditui.workflows.sample import sample as sample_workflow
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
@@ -161,13 +149,13 @@ def sample(prompt: Annotated[str, typer.Option("--prompt", help="the user prompt
     check_counts(n, seed, batch_size)
     with open_store(db) as store:
         session_id = store.resolve_session(session)
-        say = progress_printer(as_json)
-        lm = load_model(settings.model, settings.device, settings.dtype, settings.cache_path, say)
-        prompt_id, ids = sample_into_session(store, lm, session_id, prompt, n, params, seed=seed,
-                                             batch_size=batch_size, on_progress=_progress_lines(say),
-                                             pack_id=_pack_id(settings))
-        completions = store.completions_by_ids(ids)
-    result = {"session_id": session_id, "prompt_id": prompt_id, "seed": seed, "model_id": lm.model_id,
+        printer = Printer()
+        lm = load_model(settings.model, settings.device, settings.dtype, settings.cache_path, printer)
+        done = sample_workflow(store, lm, session_id, SampleRequest(prompt, n, params, seed, batch_size), printer,
+                               pack_id=pack_label(settings))
+        completions = store.completions_by_ids(done.completion_ids)
+    result = {"session_id": session_id, "prompt_id": done.prompt_id, "seed": seed, "model_id": lm.model_id,
+              "run_id": done.run_id,
               "completions": [{key: c[key] for key in ("id", "seed", "finish_reason", "text", "token_ids")}
                               for c in completions]}
     emit(result, as_json, _print_samples)

@@ -14,12 +14,23 @@ from rich.markup import escape
 from rich.table import Table
 
 from auditui.cli import app
-from auditui.cli.common import (DbOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, PackOpt, SaeOpt, emit, engine_for,
-                                settings_from)
-from auditui.config import Settings
+from auditui.cli.common import (
+    DbOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    PackOpt,
+    SaeOpt,
+    emit,
+    engine_for,
+    settings_from,
+)
+from auditui.config import REPO_ROOT, Settings
 from auditui.errors import AuditError
 
 PACKAGES = ("torch", "transformers", "sae-lens", "textual", "rich", "gguf", "sqlite-utils", "openai", "typer")
+LOCK = REPO_ROOT / "requirements" / "lock.txt"
 
 
 def _version(name: str) -> str | None:
@@ -33,7 +44,41 @@ def _check(name: str, ok: bool, detail: str, fix: str = "") -> dict:
     return {"check": name, "ok": ok, "detail": detail, "fix": "" if ok else fix}
 
 
-def doctor_checks(settings: Settings, load: bool) -> list[dict]:
+def lock_drift(lock: Path) -> list[tuple[str, str, str | None]]:
+    """(package, locked version, installed version or None) for every pin of `lock` that differs.
+
+    A local version label (torch 2.13.0+cpu or +cu128) satisfies a pin without one.
+    """
+    from packaging.utils import canonicalize_name
+    from packaging.version import InvalidVersion, Version
+
+    drift = []
+    for line in lock.read_text(encoding="utf-8").splitlines():
+        name, sep, locked = line.split("#")[0].strip().partition("==")
+        if not sep:
+            continue
+        installed = _version(canonicalize_name(name))
+        try:
+            same = installed is not None and Version(installed).public == Version(locked).public
+        except InvalidVersion:
+            same = installed == locked
+        if not same:
+            drift.append((name, locked, installed))
+    return drift
+
+
+def lock_checks(lock: Path) -> list[dict]:
+    """One line when the installed set is the lock's, else one line per package that differs."""
+    if not lock.exists():
+        return [_check("lock", True, f"no {lock} (an installed auditui): versions as pip resolved them")]
+    drift = lock_drift(lock)
+    if not drift:
+        return [_check("lock", True, f"installed versions match {lock.name}")]
+    return [_check(f"lock {name}", False, f"installed {installed or 'nothing'}, locked {locked}",
+                   "bash scripts/setup.sh (installs the lock)") for name, locked, installed in drift]
+
+
+def doctor_checks(settings: Settings, load: bool, lock: Path = LOCK) -> list[dict]:
     import torch
 
     from auditui.engine.model import gguf_cache_dir, resolve_device, resolve_source
@@ -43,6 +88,7 @@ def doctor_checks(settings: Settings, load: bool) -> list[dict]:
     for name in PACKAGES:
         version = _version(name)
         checks.append(_check(name, version is not None, version or "missing", f"pip install {name}"))
+    checks.extend(lock_checks(lock))
     cuda = torch.cuda.is_available()
     checks.append(_check("cuda", True, torch.cuda.get_device_name(0) if cuda else "no GPU (CPU engine)"))
     try:
@@ -94,7 +140,7 @@ def doctor(model: ModelOpt = None, pack: PackOpt = None, device: DeviceOpt = Non
     def human(rows: list[dict]) -> None:
         table = Table("check", "", "detail", "fix", box=None)
         for row in rows:
-            table.add_row(row["check"], "ok" if row["ok"] else "MISSING", row["detail"], row["fix"])
+            table.add_row(row["check"], "ok" if row["ok"] else "CHECK", row["detail"], row["fix"])
         Console().print(table)
     emit(checks, as_json, human)
 

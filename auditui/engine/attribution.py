@@ -28,25 +28,19 @@ of completions (right-padded; the earliest needed site is made a grad leaf so th
 there), then two matmuls per site, (G·Dᵀ) and ((A - ā)·Dᵀ) over the chosen positions. The exact
 check costs one forward over all completions per latent.
 
-API
-    run_attribution(engine, store, session_id, sites, top_k=100, positions="prompt", check=0,
-                    reference=None, batch_size=8, on_progress=None, should_stop=None) -> run_id
-        check: exact ablation of the top `check` rows per site (at most top_k).
-        reference: None (the session's texts) or a text file path. on_progress(done, total, message)
-        is called per batch / latent; its message names the phase ("reference mean",
-        "attribution", "exact check 12/resid_post"). should_stop() -> True cancels: during the
-        attribution phase the run is marked "cancelled" (no result); during the exact check the run
-        keeps its attribution result and the latents checked so far.
-    check_latents(engine, store, run_id, [(site, latent), ...], ...) -> rows updated/added.
-        Exact ablation for any latents of the run's sites (latents outside the stored top-k are
-        appended as rows with their global rank); Spearman correlations and summary refreshed.
-    run_deltas(store, run_id) -> {"SITE|attr": [d_sae], "SITE|act": [d_sae]}: the full Δ vectors
-        (e.g. to look up or plot any latent, not only the stored top-k rows).
-    Lower level: pair_plan, attribute_batch, delta_scores, exact_deltas, spearman.
-    Call from a worker thread with that thread's Store; grad/inference modes are set inside.
+API (pure: token sequences and tensors in; storing runs is `auditui.workflows.attribute`)
+    plan_pairs([(TokenSeq, label), ...], positions) -> PairPlan: the completions of prompts with
+        both labels and their weights in every Δ.
+    delta_scores(engine, plan, sites, means, positions, batch_size, progress) -> {site: (Δ-attr,
+        Δ-act)} [d_sae] each; raises Cancelled when progress.should_stop().
+    exact_deltas(engine, plan, site, latents, mean, positions, batch_size, progress) -> [Δ exact]
+        per latent, shorter when stopped (a partial check is meaningful).
+    site_result / ranked_rows / refresh_checks / summarize: the result rows and run summary.
+    progress.progress(done, total, message) names the phase ("attribution", "exact check SITE").
+    Grad/inference modes are set inside (they are per thread).
     Latent detail view: `auditui.engine.labels.top_snippets` and `logit_lens`.
 
-Stored run (kind "attribution")
+Stored run (kind "attribution", written by the workflow)
     params  {sites, top_k, positions, check, reference, batch_size, model_id, saes: {site: sha256}}
     result  {loss: "sum", positions, n_prompts, n_completions, weights: {completion_id: w},
              skipped: [completion ids without a chosen position],
@@ -57,41 +51,35 @@ Stored run (kind "attribution")
              n_checked, spearman (over every checked row, all sites), notes: [...]}
     summary {headline, table: {columns, rows} (top rows over all sites), notes}
     blob    "deltas": safetensors {"SITE|attr": [d_sae], "SITE|act": [d_sae]} (full Δ vectors).
+    Exact checks are child runs (kind "attribution_check"); the workflow merges them into the view.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from auditui.engine.labels import logit_lens_tokens
-from auditui.engine.reference import (TokenSeq, batches, check_vocab, completion_sequence, encode_rows,
-                                      load_reference, pad_batch, reference_means, rows_per_chunk, span_mask)
-from auditui.engine.sites import Edit, Site, SiteHooks
+from auditui.engine.reference import TokenSeq, batches, encode_rows, pad_batch, rows_per_chunk, span_mask
+from auditui.engine.sites import Edit, Positions, Site, SiteHooks
 from auditui.errors import AuditError
+from auditui.progress import QUIET, Progress, stop_if_asked
 
 if TYPE_CHECKING:
     from auditui.engine import Engine
     from auditui.engine.model import LoadedModel
     from auditui.engine.saes import SAEBank
-    from auditui.store.database import Store
 
-ATTRIBUTION_KIND = "attribution"
 POSITIONS = ("prompt", "completion", "all")
 LENS_TOKENS = 8
 SUMMARY_ROWS = 20
 NO_PAIRS = "no prompt has both a positive and a negative completion; label some"
 _ORDER = {"resid_pre": 0, "attn_z": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
-Progress = Callable[[int, int, str], None]
-StopCheck = Callable[[], bool]
 
 
 # -- positions and pairs -----------------------------------------------------------------------
@@ -152,7 +140,11 @@ def pair_weights(labelled: Iterable[tuple[TokenSeq, str]]) -> tuple[dict[int, fl
     return weights, len(both)
 
 
-def _plan(labelled: list[tuple[TokenSeq, str]], positions: str) -> PairPlan:
+def plan_pairs(labelled: list[tuple[TokenSeq, str]], positions: str) -> PairPlan:
+    """The plan of labelled sequences; AuditError when no prompt has both labels with positions."""
+    check_positions(positions)
+    if not labelled:
+        raise AuditError(NO_PAIRS)
     usable = [(s, lab) for s, lab in labelled if has_positions(s, positions)]
     weights, n_prompts = pair_weights(usable)
     if not weights:
@@ -162,31 +154,6 @@ def _plan(labelled: list[tuple[TokenSeq, str]], positions: str) -> PairPlan:
     return PairPlan(seqs=[s for s, _ in usable if s.completion_id in weights], weights=weights,
                     n_prompts=n_prompts, skipped=[s.completion_id for s, _ in labelled
                                                   if s.completion_id not in weights])
-
-
-def pair_plan(store: Store, session_id: int, positions: str = "prompt") -> PairPlan:
-    """The session's labelled pairs; AuditError when no prompt has both labels."""
-    check_positions(positions)
-    labelled = []
-    for pair in store.pairs(session_id):
-        prompt = store.prompt(pair["prompt_id"])
-        for completion in store.completions_by_ids(pair["positive"] + pair["negative"]):
-            labelled.append((completion_sequence(prompt, completion), completion["label"]))
-    if not labelled:
-        raise AuditError(NO_PAIRS)
-    return _plan(labelled, positions)
-
-
-def stored_plan(store: Store, weights: dict[str, float]) -> PairPlan:
-    """The plan of an earlier run, from its stored completion weights."""
-    seqs = []
-    completions = store.completions_by_ids([int(cid) for cid in weights])
-    if len(completions) != len(weights):
-        raise AuditError("completions of this attribution run were deleted; run attribution again")
-    for completion in completions:
-        seqs.append(completion_sequence(store.prompt(completion["prompt_id"]), completion))
-    n_prompts = len({s.prompt_id for s in seqs})
-    return PairPlan(seqs=seqs, weights={int(k): float(v) for k, v in weights.items()}, n_prompts=n_prompts)
 
 
 # -- one forward + one backward ----------------------------------------------------------------
@@ -207,7 +174,7 @@ def grad_leaf(sites: list[Site], parallel: bool) -> Site:
     return first if all(feeds(first, s, parallel) for s in sites) else Site(first.layer, "resid_pre")
 
 
-def _make_leaf(h: Tensor, start: int) -> Tensor:
+def _make_leaf(h: Tensor, pos: Positions) -> Tensor:
     return h.detach().requires_grad_(True)
 
 
@@ -262,29 +229,27 @@ def attribute_batch(engine: Engine, seqs: list[TokenSeq], sites: list[Site], mea
 
 
 def delta_scores(engine: Engine, plan: PairPlan, sites: list[Site], means: dict[Site, Tensor],
-                 positions: str = "prompt", batch_size: int = 8, on_progress: Progress | None = None,
-                 should_stop: StopCheck | None = None) -> dict[Site, tuple[Tensor, Tensor]] | None:
-    """Δ-attribution and Δ-activation [d_sae] per site; None when stopped."""
+                 positions: str = "prompt", batch_size: int = 8,
+                 progress: Progress = QUIET) -> dict[Site, tuple[Tensor, Tensor]]:
+    """Δ-attribution and Δ-activation [d_sae] per site; Cancelled when stopped."""
     totals: dict[Site, tuple[Tensor, Tensor]] = {}
     done = 0
     for batch in batches(plan.seqs, batch_size):
-        if should_stop and should_stop():
-            return None
+        stop_if_asked(progress)
         weights = plan.batch_weights(batch, engine.bank.device)
         for site, (attr, act) in attribute_batch(engine, batch, sites, means, positions).items():
             before = totals.get(site, (0.0, 0.0))
             totals[site] = (before[0] + weights @ attr, before[1] + weights @ act)
         done += len(batch)
-        if on_progress:
-            on_progress(done, len(plan.seqs), "attribution")
+        progress.progress(done, len(plan.seqs), "attribution")
     return totals
 
 
 # -- exact check -------------------------------------------------------------------------------
 def mean_ablation(direction: Tensor, mean_proj: float, sel: Tensor) -> Edit:
     """Edit a_t <- a_t + (ā·d - a_t·d) d at the positions sel [B, T] (d unit, float32)."""
-    def edit(h: Tensor, start: int) -> Tensor:
-        chosen = sel[:, start:start + h.shape[1]]
+    def edit(h: Tensor, pos: Positions) -> Tensor:
+        chosen = sel[:, pos.start:pos.start + h.shape[1]]
         shift = torch.where(chosen, mean_proj - h.float() @ direction, 0.0)  # [B, T]
         return h + (shift[..., None] * direction).to(h.dtype)
     return edit
@@ -292,8 +257,7 @@ def mean_ablation(direction: Tensor, mean_proj: float, sel: Tensor) -> Edit:
 
 @torch.inference_mode()
 def exact_deltas(engine: Engine, plan: PairPlan, site: Site, latents: list[int], mean: Tensor,
-                 positions: str = "prompt", batch_size: int = 8, on_progress: Progress | None = None,
-                 should_stop: StopCheck | None = None) -> list[float]:
+                 positions: str = "prompt", batch_size: int = 8, progress: Progress = QUIET) -> list[float]:
     """Δ of exact_i (see module docstring) for each latent, in order; shorter when stopped."""
     lm = engine.lm
     directions = engine.bank.decoder(site)[latents].to(lm.device)  # [n, width]
@@ -306,15 +270,14 @@ def exact_deltas(engine: Engine, plan: PairPlan, site: Site, latents: list[int],
         prepared.append((batch, ids, mask, sel, per_position, completion_nll(lm, ids, mask, batch)))
     out: list[float] = []
     for j, (direction, mean_proj) in enumerate(zip(directions, mean_projs, strict=True)):
-        if should_stop and should_stop():
+        if progress.should_stop():
             break
         total = 0.0
         for batch, ids, mask, sel, per_position, base in prepared:
             with SiteHooks(lm.model, edits={site: mean_ablation(direction, mean_proj, sel)}):
                 total += float(per_position @ (completion_nll(lm, ids, mask, batch) - base))
         out.append(total)
-        if on_progress:
-            on_progress(j + 1, len(latents), f"exact check {site}")
+        progress.progress(j + 1, len(latents), f"exact check {site}")
     return out
 
 
@@ -399,8 +362,8 @@ def summarize(result: dict) -> dict:
     return {"headline": headline, "table": table, "notes": result["notes"]}
 
 
-# -- runs --------------------------------------------------------------------------------------
-def _check_sites(engine: Engine, sites: list[Site]) -> list[Site]:
+# -- sites --------------------------------------------------------------------------------------
+def check_sites(engine: Engine, sites: list[Site]) -> list[Site]:
     if not sites:
         raise AuditError("choose at least one site to attribute")
     missing = [str(s) for s in sites if s not in engine.bank]
@@ -410,124 +373,3 @@ def _check_sites(engine: Engine, sites: list[Site]) -> list[Site]:
     return list(dict.fromkeys(sites))
 
 
-def _notes(engine: Engine, store: Store, session_id: int, plan: PairPlan, positions: str) -> list[str]:
-    notes = [f"L is the summed cross-entropy (nats) of each completion; δ = -(g·d)((a-ā)·d) averaged over "
-             f"{positions} positions (position 0, the attention sink, excluded); exact ΔL mean-ablates all "
-             "chosen positions at once and is divided by their number"]
-    session_model = store.session(session_id).get("model_id")
-    if session_model and session_model != engine.lm.model_id:
-        notes.append(f"the session was sampled with {session_model}, not {engine.lm.model_id}: "
-                     "attribution of off-policy completions")
-    notes.append("Δ-activation is the mean SAE activation over the completion tokens, positive minus negative")
-    if plan.skipped:
-        notes.append(f"{len(plan.skipped)} completion(s) left out (no {positions} position or no pair): "
-                     f"{plan.skipped[:10]}")
-    if engine.lm.dtype != torch.float32:
-        notes.append(f"model in {engine.lm.dtype}: exact ΔL of weak latents is within rounding noise")
-    return notes + list(engine.bank.warnings)
-
-
-def _stopped(should_stop: StopCheck | None) -> bool:
-    return bool(should_stop and should_stop())
-
-
-def run_attribution(engine: Engine, store: Store, session_id: int, sites: list[Site], top_k: int = 100,
-                    positions: str = "prompt", check: int = 0, reference: str | Path | None = None,
-                    batch_size: int = 8, on_progress: Progress | None = None,
-                    should_stop: StopCheck | None = None) -> int:
-    """Attribute the session's pairs at `sites`, store the run, check the top `check` latents per site."""
-    if top_k < 1 or check < 0 or batch_size < 1:
-        raise AuditError("top-k and batch size must be at least 1 and check at least 0")
-    sites = _check_sites(engine, sites)
-    plan = pair_plan(store, session_id, positions)
-    check_vocab(engine.lm, plan.seqs)
-    params = {"sites": [str(s) for s in sites], "top_k": top_k, "positions": positions, "check": check,
-              "reference": str(reference) if reference else "session", "batch_size": batch_size,
-              "model_id": engine.lm.model_id, "saes": {str(s): engine.bank.digest(s) for s in sites}}
-    run_id = store.start_run(session_id, ATTRIBUTION_KIND, params)
-    try:
-        ref = reference_means(engine, store, session_id, sites, reference, batch_size, on_progress)
-        scores = None if _stopped(should_stop) else delta_scores(
-            engine, plan, sites, ref.means, positions, batch_size, on_progress, should_stop)
-        if scores is None:
-            store.fail_run(run_id, "cancelled by the user", status="cancelled")
-            return run_id
-        result = {"loss": "sum", "positions": positions, "n_prompts": plan.n_prompts,
-                  "n_completions": len(plan.seqs), "weights": {str(k): v for k, v in plan.weights.items()},
-                  "skipped": plan.skipped, "sites": {}, "rows": [], "n_checked": 0, "spearman": None,
-                  "reference": {"source": ref.source, "runs": {str(s): ref.runs[s] for s in sites},
-                                "tokens": {str(s): ref.tokens.get(s) for s in sites}},
-                  "notes": _notes(engine, store, session_id, plan, positions)}
-        for site, (attr, act) in scores.items():
-            result["sites"][str(site)], rows = site_result(engine, site, attr, act, top_k)
-            result["rows"] += rows
-        store.put_blob(run_id, "deltas", save_tensors({f"{site}|{name}": vec.cpu().contiguous() for site, pair
-                                                       in scores.items() for name, vec in zip(("attr", "act"), pair)}))
-        store.finish_run(run_id, result, summarize(result))
-    except BaseException as exc:
-        store.fail_run(run_id, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                       status="cancelled" if isinstance(exc, KeyboardInterrupt) else "failed")
-        raise
-    if check:
-        targets = [(Site.parse(r["site"]), r["latent"]) for r in result["rows"] if r["rank"] <= check]
-        check_latents(engine, store, run_id, targets, batch_size, on_progress, should_stop)
-    return run_id
-
-
-def run_deltas(store: Store, run_id: int) -> dict[str, Tensor]:
-    """The full Δ-attribution and Δ-activation vectors of an attribution run."""
-    data = store.get_blob(run_id, "deltas")
-    if data is None:
-        raise AuditError(f"attribution run {run_id} has no stored Δ vectors; run attribution again")
-    return load_tensors(data)
-
-
-def _checked_run(engine: Engine, store: Store, run_id: int, sites: set[Site]) -> dict:
-    run = store.run(run_id)
-    if run["kind"] != ATTRIBUTION_KIND or run["status"] != "done":
-        raise AuditError(f"run {run_id} is not a finished attribution run ({run['kind']}, {run['status']})")
-    params = run["params"]
-    if params["model_id"] != engine.lm.model_id:
-        raise AuditError(f"run {run_id} was computed on {params['model_id']}; load that model to check it")
-    for site in sites:
-        if str(site) not in params["sites"]:
-            raise AuditError(f"run {run_id} did not attribute site {site} (it has {', '.join(params['sites'])})")
-        if site not in engine.bank or engine.bank.digest(site) != params["saes"][str(site)]:
-            raise AuditError(f"the SAE loaded for {site} is not the one run {run_id} used; load the same pack")
-    return run
-
-
-def check_latents(engine: Engine, store: Store, run_id: int, latents: list[tuple[Site | str, int]],
-                  batch_size: int | None = None, on_progress: Progress | None = None,
-                  should_stop: StopCheck | None = None) -> list[dict]:
-    """Exact mean-ablation ΔL for `latents` of attribution run `run_id`; updates and returns their rows."""
-    targets = [(Site.parse(s) if isinstance(s, str) else s, int(i)) for s, i in latents]
-    run = _checked_run(engine, store, run_id, {s for s, _ in targets})
-    result, params = run["result"], run["params"]
-    deltas = run_deltas(store, run_id)
-    plan = stored_plan(store, result["weights"])
-    means = load_reference(store, result["reference"]["runs"], engine.lm.device)
-    rows = {(r["site"], r["latent"]): r for r in result["rows"]}
-    updated = []
-    for site in dict.fromkeys(s for s, _ in targets):
-        attr, act = deltas[f"{site}|attr"], deltas[f"{site}|act"]
-        wanted = list(dict.fromkeys(i for s, i in targets if s == site))
-        if not all(0 <= i < attr.shape[0] for i in wanted):
-            raise AuditError(f"site {site} has latents 0..{attr.shape[0] - 1}")
-        new = [i for i in wanted if (str(site), i) not in rows]
-        if new:
-            for row in ranked_rows(engine, site, attr, act, new):
-                rows[(row["site"], row["latent"])] = row
-                result["rows"].append(row)
-        exact = exact_deltas(engine, plan, site, wanted, means[site], params["positions"],
-                             batch_size or params["batch_size"], on_progress, should_stop)
-        for latent, value in zip(wanted, exact, strict=False):
-            rows[(str(site), latent)]["exact"] = value
-            updated.append(rows[(str(site), latent)])
-        if len(exact) < len(wanted):
-            result["notes"].append(f"exact check stopped after {len(exact)} of {len(wanted)} latents at {site}")
-            break
-    result["rows"].sort(key=lambda r: (params["sites"].index(r["site"]), r["rank"]))
-    refresh_checks(result)
-    store.finish_run(run_id, result, summarize(result))
-    return updated

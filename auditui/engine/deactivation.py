@@ -39,8 +39,7 @@ Result (JSON-able):
              "active": bool, "z_new", "change"}],
    "notes": [...]}
 `deactivation_summary(result)` renders it as a run summary {"headline", "table", "notes"};
-`store_deactivation` stores a result as a run of kind "deactivation" with params
-`run_params(engine, feature, text, chat, token, r, seed)` (the same model/pack keys as flow runs).
+`auditui.workflows.deactivate` stores a result as a run of kind "deactivation".
 """
 
 from __future__ import annotations
@@ -51,15 +50,24 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from auditui.engine.flow import (MODULE_NAMES, MODULES, Feature, Match, check_position, flow_index, forward_sites,
-                                 group_name, group_record, latent_activations, run_params, store_run)
-from auditui.engine.sites import Edit
+from auditui.engine.flow import (
+    MODULE_NAMES,
+    MODULES,
+    Feature,
+    Match,
+    check_position,
+    flow_index,
+    forward_sites,
+    group_name,
+    group_record,
+    latent_activations,
+)
+from auditui.engine.sites import Edit, Positions
 
 if TYPE_CHECKING:
     from sae_lens import SAE
 
     from auditui.engine import Engine
-    from auditui.store.database import Store
 
 METHODS = ("top1", "top5", "random")
 TOP_K = 5
@@ -80,8 +88,8 @@ def contribution(sae: SAE, x: Tensor, latents: list[int]) -> Tensor:
 
 def rescale_edit(sae: SAE, latent_sets: list[list[int]], token: int, r: float) -> Edit:
     """A SiteHooks edit: batch row b rescales latents `latent_sets[b]` by r at absolute token `token`."""
-    def edit(h: Tensor, start: int) -> Tensor:
-        t = token - start
+    def edit(h: Tensor, pos: Positions) -> Tensor:
+        t = token - pos.start
         if not 0 <= t < h.shape[1] or not any(latent_sets):
             return h
         h = h.clone()
@@ -155,11 +163,3 @@ def deactivation_summary(result: dict) -> dict:
             "table": {"columns": ["method", "set", "features", "active", "z_new", "change"], "rows": rows},
             "notes": [f"groups: {', '.join(f'{m} {g}' for m, g in result['groups'].items())}"] * bool(result["groups"])
             + list(result["notes"])}
-
-
-def store_deactivation(store: Store, session_id: int, engine: Engine, result: dict, text: str,
-                       chat: bool = False) -> int:
-    """Store a deactivation test of `engine` on `text` as a run (summary: `deactivation_summary`)."""
-    params = run_params(engine, feature=result["target"], text=text, chat=chat, token=result["token"],
-                        r=result["r"], seed=result["seed"])
-    return store_run(store, session_id, "deactivation", params, result, deactivation_summary(result))

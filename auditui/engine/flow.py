@@ -53,9 +53,8 @@ Result formats (plain JSON-able dicts):
     [{"layer": L, "residual": [{...node, "mlp": [{"id", "score", "label"}], "attn": [...],
                                 "from": [{"id", "score"}], "to": [{"id", "score"}]}]}]
   to_dot(graph) / to_mermaid(graph): Graphviz DOT and Mermaid flowchart text.
-  graph_summary(graph): run summary {"headline", "table", "notes"}; store_flow_graph stores a run
-    of kind "flow" with the graph as its result. Flow and deactivation runs (deactivation.py) carry
-    params `run_params(engine, ...)`: {"model": model id, "pack": pack id, then the step's own}.
+  graph_summary(graph): run summary {"headline", "table", "notes"}; `auditui.workflows.flow`
+    stores a graph as a run of kind "flow" with the graph as its result.
 
 Speed: decoders are cached on the bank device; score lookups go through `TransitionCache`
 (transitions.py), which serves full top-k tables from memory or <cache>/flow/ and otherwise computes
@@ -71,7 +70,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -85,7 +84,6 @@ if TYPE_CHECKING:
     from auditui.engine import Engine
     from auditui.engine.model import LoadedModel
     from auditui.engine.saes import SAEBank
-    from auditui.store.database import Store
 
 MODULES = ("R", "M", "A")
 MODULE_NAMES = {"R": "RES", "M": "MLP", "A": "ATT"}
@@ -205,7 +203,7 @@ class FlowIndex:
     def __init__(self, engine: Engine):
         self.lm: LoadedModel = engine.lm
         self.bank: SAEBank = engine.bank
-        self.cache = TransitionCache(engine.bank, engine.settings.cache_path / "flow")
+        self.cache = TransitionCache(engine.bank, engine.cache_dir / "flow")
         self._labels: dict[tuple[Feature, int], list[str]] = {}
 
     # -- checks ----------------------------------------------------------------------------------
@@ -600,25 +598,6 @@ def graph_summary(graph: FlowGraph) -> dict:
             "table": {"columns": ["layer", "residual", "class", "s^(R)", "s^(M)", "s^(A)", "MLP", "ATT", "label"],
                       "rows": rows},
             "notes": notes}
-
-
-def store_run(store: Store, session_id: int, kind: str, params: dict, result: dict, summary: dict) -> int:
-    """Store a finished computation as a run (status done) and return its id."""
-    run_id = store.start_run(session_id, kind, params)
-    store.finish_run(run_id, result, summary)
-    return run_id
-
-
-def run_params(engine: Engine, **params: Any) -> dict:
-    """A run's params: the model and SAE pack it was computed with, then the step's own."""
-    return {"model": engine.lm.model_id, "pack": engine.pack_id, **params}
-
-
-def store_flow_graph(store: Store, session_id: int, graph: FlowGraph, engine: Engine) -> int:
-    """Store a graph of `engine` as a run of kind "flow" (result: `graph.to_dict()`, summary: `graph_summary`)."""
-    params = run_params(engine, root=str(graph.root), k=graph.k, direction=graph.direction,
-                        thresholds=graph.thresholds.to_dict())
-    return store_run(store, session_id, "flow", params, graph.to_dict(), graph_summary(graph))
 
 
 # -- activations on a text: groups of section 5.1 -------------------------------------------------

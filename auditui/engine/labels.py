@@ -4,16 +4,16 @@ The logit lens of a direction d is the set of tokens whose unembedding rows have
 cosine with d after the final norm's elementwise gain (LayerNorm also centres d first), as in
 nostalgebraist (2020) and seed 003. For attn_z SAEs pass `bank.output_decoder(site)` rows.
 
-`top_snippets(engine, store, session_id, site, latent, k=8)` reads the site over the session's
-own texts (stored token ids: each prompt once, each completion once; position 0, the attention
-sink, never counts), encodes with the site's SAE and returns the k texts where the latent is most
-active, best first, as dicts:
+`top_snippets(engine, seqs, site, latent, k=8)` reads the site over token sequences (e.g. a
+session's own texts: each prompt once, each completion once; only each sequence's counted
+positions, so position 0, the attention sink, never counts), encodes with the site's SAE and
+returns the k texts where the latent is most active, best first, as dicts:
     {"completion_id": int | None, "prompt_id": int, "max": float, "position": int (absolute
      position of the maximum), "in_completion": bool, "start": int (absolute position of the
      first shown token), "tokens": [str, ...], "activations": [float, ...] (one per token)}
 showing `before` tokens before the maximum and `after` after it. Texts where the latent never
-fires (activation <= 0) are left out. Cost: one forward up to the site's layer over the session's
-texts plus one SAE encode (a worker thread, not the UI thread).
+fires (activation <= 0) are left out. Cost: one forward up to the site's layer over the texts
+plus one SAE encode (a worker thread, not the UI thread).
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from auditui.engine.reference import TokenSeq, counted_mask, encode_rows, read_sites, session_sequences
+from auditui.engine.reference import TokenSeq, counted_mask, encode_rows, read_sites
 from auditui.engine.sites import Site
 
 if TYPE_CHECKING:
     from auditui.engine import Engine
     from auditui.engine.model import LoadedModel
-    from auditui.store.database import Store
 
 # unit unembedding rows [vocab, d_model] per HF model; an entry goes when its model is freed
 _UNEMBED_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, Tensor] = weakref.WeakKeyDictionary()
@@ -85,13 +84,13 @@ def logit_lens_tokens(lm: LoadedModel, directions: Tensor, k: int = 8) -> list[l
     return [[tok for tok, _ in row] for row in logit_lens(lm, directions, k)]
 
 
-def top_snippets(engine: Engine, store: Store, session_id: int, site: Site, latent: int, k: int = 8,
+def top_snippets(engine: Engine, seqs: list[TokenSeq], site: Site, latent: int, k: int = 8,
                  before: int = 24, after: int = 8, batch_size: int = 8) -> list[dict]:
-    """The k session texts where `latent` of `site` is most active (see module docstring)."""
+    """The k texts of `seqs` where `latent` of `site` is most active (see module docstring)."""
     lm, sae = engine.lm, engine.bank.sae(site)
     latent_index = torch.tensor([latent], device=sae.W_dec.device)
     found = []  # (max, position, seq, activations of the whole sequence)
-    for batch, ids, acts in read_sites(lm, session_sequences(store, session_id), [site], batch_size):
+    for batch, ids, acts in read_sites(lm, seqs, [site], batch_size):
         rows = acts[site].reshape(-1, acts[site].shape[-1])  # [B*T, width]
         codes = encode_rows(sae, rows, latent_index)[:, 0].reshape(ids.shape)  # [B, T]
         counted = counted_mask(batch, ids.shape[1], codes.device)

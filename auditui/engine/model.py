@@ -15,21 +15,21 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from platformdirs import user_cache_dir
 from torch import nn
 
 from auditui.engine.sites import FamilyAdapter, adapter_for
 from auditui.errors import AuditError
+from auditui.progress import QUIET, Progress
 
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-Progress = Callable[[str], None]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -157,11 +157,12 @@ def gguf_cache_dir(gguf: Path, cache_root: Path) -> Path:
     return cache_root / "models" / f"{gguf.stem}-{key}"
 
 
-def convert_gguf(gguf: Path, target: Path, progress: Progress | None = None) -> None:
+def convert_gguf(gguf: Path, target: Path, progress: Progress = QUIET) -> None:
     """De-quantize a GGUF through transformers and save it as safetensors + tokenizer, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    say = progress or (lambda _msg: None)
+    def say(message: str) -> None:
+        progress.progress(0, 0, message)
     say(f"de-quantizing {gguf.name} (first load only)")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -181,8 +182,12 @@ def convert_gguf(gguf: Path, target: Path, progress: Progress | None = None) -> 
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto", cache_root: Path | None = None,
-               progress: Progress | None = None) -> LoadedModel:
-    """Load `spec` (HF id, local dir, .gguf file, or `smollm2`) in eval mode on the chosen device."""
+               progress: Progress = QUIET) -> LoadedModel:
+    """Load `spec` (HF id, local dir, .gguf file, or `smollm2`) in eval mode on the chosen device.
+
+    cache_root: where a GGUF's safetensors copy lives (default: the platform's user cache folder,
+    the settings' default; the engine never reads the settings file itself).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -197,9 +202,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", cache_root:
     notes: list[str] = []
     if kind == "gguf":
         assert path is not None
-        from auditui.config import load_settings
-
-        root = cache_root or load_settings().cache_path
+        root = cache_root or Path(user_cache_dir("auditui"))
         cached = gguf_cache_dir(path, root)
         if not (cached / "auditui-source.json").exists():
             convert_gguf(path, cached, progress)
@@ -212,8 +215,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", cache_root:
         model_id = json.loads(source_file.read_text())["model_id"] if source_file.exists() else path.name
     else:
         location = spec
-    if progress:
-        progress(f"loading {model_id}")
+    progress.progress(0, 0, f"loading {model_id}")
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dt)
         tokenizer = AutoTokenizer.from_pretrained(location)

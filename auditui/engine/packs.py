@@ -40,7 +40,7 @@ from auditui.engine.corpus import DEFAULT_SOURCES, Source, TokenCorpus, load_sou
 from auditui.engine.model import LoadedModel, load_model
 from auditui.engine.sae_training import TopKTrainer, TrainConfig, norm_scale
 from auditui.engine.saes import MANIFEST, PackInfo, packs_root, read_pack, write_pack_manifest
-from auditui.engine.sites import Site, SiteHooks, _first_tensor
+from auditui.engine.sites import Edit, Positions, Site, SiteHooks, _first_tensor
 from auditui.errors import AuditError
 
 # (stage, done, total): stages are "corpus", "train", "save", "evaluate"; messages use total 0.
@@ -395,15 +395,15 @@ def next_token_loss(logits: Tensor, ids: Tensor, mask: Tensor) -> float:
     return float(F.cross_entropy(logits[:, :-1][keep].float(), targets))  # [n, vocab]: contiguous, fast
 
 
-def _splice(sae, mask: Tensor) -> Callable[[Tensor, int], Tensor]:
-    def edit(h: Tensor, start: int) -> Tensor:
+def _splice(sae, mask: Tensor) -> Edit:
+    def edit(h: Tensor, pos: Positions) -> Tensor:
         recon = sae(h.float()).to(h.dtype)
         return torch.where(mask[..., None], recon, h)
     return edit
 
 
-def _replace_with(value: Tensor, mask: Tensor) -> Callable[[Tensor, int], Tensor]:
-    def edit(h: Tensor, start: int) -> Tensor:
+def _replace_with(value: Tensor, mask: Tensor) -> Edit:
+    def edit(h: Tensor, pos: Positions) -> Tensor:
         return torch.where(mask[..., None], value.to(h.dtype), h)
     return edit
 
@@ -480,6 +480,19 @@ def partial_dir(cache_dir: Path, name: str) -> Path:
     return packs_root(cache_dir) / f".{name}{PARTIAL_SUFFIX}"
 
 
+class _StageLines:
+    """The model loader's Progress as lines of the build's stage callback."""
+
+    def __init__(self, say: BuildProgress):
+        self.say = say
+
+    def progress(self, done: float, total: float, message: str = "") -> None:
+        self.say(message, 0, 0)
+
+    def should_stop(self) -> bool:
+        return False
+
+
 def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: str = "auto",
                progress: BuildProgress | None = None, sources: tuple[Source, ...] = DEFAULT_SOURCES,
                force: bool = False, lm: LoadedModel | None = None, checkpoint_seconds: float = 600.0) -> Path:
@@ -494,7 +507,7 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
     key = plan.key(sources)
     if work.prepare(key):
         say(f"resuming the interrupted build in {work.path}", 0, 0)
-    lm = lm or load_model(plan.model, device, dtype, cache_dir, progress=lambda msg: say(msg, 0, 0))
+    lm = lm or load_model(plan.model, device, dtype, cache_dir, progress=_StageLines(say))
     layers = plan.layers or tuple(range(lm.n_layers))
     if layers[-1] >= lm.n_layers:
         raise AuditError(f"layers {layers[0]}-{layers[-1]} are outside {lm.model_id}'s 0-{lm.n_layers - 1}")

@@ -2,7 +2,7 @@
 
 Sequences
     `TokenSeq(ids, n_prompt, counted_from, completion_id, prompt_id)`: stored token ids, never
-    re-tokenized text. `session_sequences(store, session_id)` gives every text of a session once:
+    re-tokenized text. `text_sequences(prompts, completions)` gives every text of a session once:
     each completion as prompt + completion, its prompt tokens counted only for the first completion
     of that prompt (`counted_from`), and prompts without completions on their own.
     `file_sequences(lm, path)` cuts a text file into windows of `FILE_WINDOW` tokens.
@@ -16,47 +16,36 @@ Reading
     `sae.encode` in row chunks (memory stays bounded for wide SAEs).
 
 Reference mean
-    `reference_means(engine, store, session_id, sites, text_file=None) -> Reference`:
-    ā_s = mean of site s over the counted positions of the reference texts (the session's texts,
-    or a text file), leaving out tokens whose norm exceeds `OUTLIER_FACTOR` x the batch median
-    (further attention-sink tokens). Stored in the session DB as a run of kind "reference_mean":
-    params {model_id, source, path, digest}, result {sites, tokens: {site: n}}, one blob per site
-    (name = site text, safetensors bytes {"mean": [width] float32}). A later call with the same
-    model and the same texts (same token-id digest, or same file content) reuses the stored means
-    and computes only the sites it lacks. `Reference.runs` maps each site to the run holding its
-    ā; `load_reference(store, runs)` reads them back (e.g. to re-check an attribution run).
+    `mean_activations(lm, seqs, sites)`: ā_s = mean of site s over the counted positions of the
+    reference texts, leaving out tokens whose norm exceeds `OUTLIER_FACTOR` x the batch median
+    (further attention-sink tokens). Storing and reusing them is `auditui.workflows.reference`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from auditui.engine.sites import Site, SiteHooks
 from auditui.errors import AuditError
+from auditui.progress import QUIET, Progress, stop_if_asked
 
 if TYPE_CHECKING:
     from sae_lens import SAE
 
-    from auditui.engine import Engine
     from auditui.engine.model import LoadedModel
-    from auditui.store.database import Store
 
-REFERENCE_KIND = "reference_mean"
 FILE_WINDOW = 128  # tokens per window of a reference text file
 FILE_MAX_TOKENS = 65_536  # a reference file is read up to this many tokens
 OUTLIER_FACTOR = 10.0
 ROW_BUDGET = 1 << 24  # elements of one [rows, d_sae] chunk
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -71,14 +60,6 @@ class TokenSeq:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-@dataclass
-class Reference:
-    means: dict[Site, Tensor]  # site -> ā [width] float32 on the engine device
-    runs: dict[Site, int]  # site -> id of the reference_mean run holding it
-    source: str  # "session" or the text file path
-    tokens: dict[Site, int] = field(default_factory=dict)  # positions averaged per site
 
 
 # -- sequences ---------------------------------------------------------------------------------
@@ -97,21 +78,19 @@ def completion_sequence(prompt: dict, completion: dict, counted_from: int = 1) -
                     prompt_id=prompt["id"])
 
 
-def session_sequences(store: Store, session_id: int) -> list[TokenSeq]:
-    """Every text of the session once (see module docstring)."""
+def text_sequences(prompts: list[dict], completions: list[dict]) -> list[TokenSeq]:
+    """Every text once (see module docstring); prompts and completions as stored rows."""
     by_prompt: dict[int, list[dict]] = {}
-    for completion in store.completions(session_id=session_id):
+    for completion in completions:
         by_prompt.setdefault(completion["prompt_id"], []).append(completion)
     seqs = []
-    for prompt in store.prompts(session_id):
-        completions = by_prompt.get(prompt["id"], [])
+    for prompt in prompts:
+        own = by_prompt.get(prompt["id"], [])
         ids = stored_prompt_ids(prompt)
-        if not completions:
+        if not own:
             seqs.append(TokenSeq(ids=tuple(ids), n_prompt=len(ids), prompt_id=prompt["id"]))
-        for i, completion in enumerate(completions):
+        for i, completion in enumerate(own):
             seqs.append(completion_sequence(prompt, completion, counted_from=1 if i == 0 else len(ids)))
-    if not seqs:
-        raise AuditError(f"session {session_id} has no prompts yet; add and sample some first")
     return seqs
 
 
@@ -218,48 +197,8 @@ def sequences_digest(seqs: list[TokenSeq]) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def _reference_texts(engine: Engine, store: Store, session_id: int, text_file: Path | None
-                     ) -> tuple[list[TokenSeq], dict]:
-    if text_file is None:
-        seqs = session_sequences(store, session_id)
-        key = {"model_id": engine.lm.model_id, "source": "session", "path": "", "digest": sequences_digest(seqs)}
-    else:
-        seqs = file_sequences(engine.lm, Path(text_file))
-        key = {"model_id": engine.lm.model_id, "source": "file", "path": str(Path(text_file).resolve()),
-               "digest": hashlib.sha256(Path(text_file).read_bytes()).hexdigest()}
-    check_vocab(engine.lm, seqs)
-    return seqs, key
-
-
-def stored_means(store: Store, session_id: int, key: dict, device: torch.device) -> Reference:
-    """The means already stored for `key` (model + texts), site by site."""
-    found = Reference(means={}, runs={}, source=key["path"] or key["source"])
-    for run in store.runs(session_id, REFERENCE_KIND):
-        if run["status"] != "done" or {k: run["params"].get(k) for k in key} != key:
-            continue
-        for site_text, n_tokens in run["result"]["tokens"].items():
-            site = Site.parse(site_text)
-            found.means.setdefault(site, _load_mean(store, run["id"], site).to(device))
-            found.runs.setdefault(site, run["id"])
-            found.tokens.setdefault(site, n_tokens)
-    return found
-
-
-def _load_mean(store: Store, run_id: int, site: Site) -> Tensor:
-    data = store.get_blob(run_id, str(site))
-    if data is None:
-        raise AuditError(f"reference run {run_id} lost its mean for {site}; delete the run and recompute")
-    return load_tensors(data)["mean"]
-
-
-def load_reference(store: Store, runs: dict[str, int], device: torch.device) -> dict[Site, Tensor]:
-    """{site text: run id} -> {site: ā [width]} on `device`."""
-    return {Site.parse(site): _load_mean(store, run_id, Site.parse(site)).to(device)
-            for site, run_id in runs.items()}
-
-
 def mean_activations(lm: LoadedModel, seqs: list[TokenSeq], sites: list[Site], batch_size: int = 8,
-                     on_progress: Progress | None = None) -> tuple[dict[Site, Tensor], dict[Site, int]]:
+                     progress: Progress = QUIET) -> tuple[dict[Site, Tensor], dict[Site, int]]:
     """ā per site [width] over counted, non-outlier positions; and the number of positions used."""
     sums: dict[Site, Tensor] = {}
     counts: dict[Site, int] = {site: 0 for site in sites}
@@ -273,31 +212,8 @@ def mean_activations(lm: LoadedModel, seqs: list[TokenSeq], sites: list[Site], b
             sums[site] = sums.get(site, 0) + rows.double().sum(0)
             counts[site] += rows.shape[0]
         done += len(batch)
-        if on_progress:
-            on_progress(done, len(seqs), "reference mean")
+        progress.progress(done, len(seqs), "reference mean")
+        stop_if_asked(progress)
     if any(n == 0 for n in counts.values()):
         raise AuditError("the reference texts have no token to average (each text needs 2+ tokens)")
     return {site: (sums[site] / counts[site]).float() for site in sites}, counts
-
-
-def reference_means(engine: Engine, store: Store, session_id: int, sites: list[Site],
-                    text_file: Path | str | None = None, batch_size: int = 8,
-                    on_progress: Progress | None = None) -> Reference:
-    """ā for each site: stored ones reused, missing ones computed in one pass and stored."""
-    seqs, key = _reference_texts(engine, store, session_id, Path(text_file) if text_file else None)
-    reference = stored_means(store, session_id, key, engine.lm.device)
-    missing = [site for site in dict.fromkeys(sites) if site not in reference.means]
-    if missing:
-        means, counts = mean_activations(engine.lm, seqs, missing, batch_size, on_progress)
-        run_id = store.start_run(session_id, REFERENCE_KIND, {**key, "sites": [str(s) for s in missing],
-                                                              "n_texts": len(seqs)})
-        for site in missing:
-            store.put_blob(run_id, str(site), save_tensors({"mean": means[site].cpu().contiguous()}))
-        store.finish_run(run_id, {"sites": [str(s) for s in missing],
-                                  "tokens": {str(s): counts[s] for s in missing}},
-                         {"headline": f"reference mean over {len(seqs)} texts ({key['source']}) "
-                                      f"at {', '.join(str(s) for s in missing)}"})
-        reference.means.update(means)
-        reference.runs.update({site: run_id for site in missing})
-        reference.tokens.update(counts)
-    return reference

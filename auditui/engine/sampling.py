@@ -9,28 +9,35 @@ whatever batch it was sampled in (up to float differences between batched and si
 which can flip a token only on a near-tie). All N completions share one prompt, so rows need no
 padding. Temperature 0 is greedy decoding.
 
-Progress is counted in token steps: `on_progress(done, total)` with total = n * max_new_tokens.
+Progress is counted in token steps: `progress.progress(done, total, "sampling")` with total =
+n * max_new_tokens; `progress.should_stop()` is checked after every generated token.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria,
-                          StoppingCriteriaList, TemperatureLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from auditui.engine.model import LoadedModel
 from auditui.engine.sites import Edit, Site, SiteHooks
 from auditui.errors import AuditError
+from auditui.progress import QUIET, Progress
 
 MAX_SEED = 2**62
-Progress = Callable[[int, int], None]
-ShouldStop = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -83,16 +90,14 @@ def sampling_processors(params: SamplingParams, seeds: list[int], device: torch.
 class _Monitor(StoppingCriteria):
     """Called once per generated token: reports progress and stops every row when asked to."""
 
-    def __init__(self, base: int, rows: int, total: int, on_progress: Progress | None,
-                 should_stop: ShouldStop | None):
+    def __init__(self, base: int, rows: int, total: int, progress: Progress):
         self.base, self.rows, self.total, self.steps = base, rows, total, 0
-        self.on_progress, self.should_stop = on_progress, should_stop
+        self.progress = progress
 
     def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs: object) -> Tensor:
         self.steps += 1
-        if self.on_progress:
-            self.on_progress(self.base + self.steps * self.rows, self.total)
-        stop = bool(self.should_stop and self.should_stop())
+        self.progress.progress(self.base + self.steps * self.rows, self.total, "sampling")
+        stop = self.progress.should_stop()
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
@@ -163,64 +168,34 @@ def _generate_batch(lm: LoadedModel, prompt_ids: list[int], seeds: list[int], pa
 
 
 def iter_sample_batches(lm: LoadedModel, prompt_ids: list[int], n: int, params: SamplingParams, seed: int,
-                        batch_size: int = 8, on_progress: Progress | None = None,
-                        should_stop: ShouldStop | None = None,
+                        batch_size: int = 8, progress: Progress = QUIET,
                         edits: Mapping[Site, Edit | list[Edit]] | None = None) -> Iterator[list[Sample]]:
     """Yield the completions batch by batch (seeds seed .. seed+n-1); stop early when asked to.
 
-    A batch interrupted by `should_stop` is yielded with finish_reason "cancelled" on its unfinished rows.
+    A batch interrupted by `progress.should_stop()` is yielded with finish_reason "cancelled" on its
+    unfinished rows.
     """
     check_request(lm, prompt_ids, n, params, seed, batch_size)
     total = n * params.max_new_tokens
     for start in range(0, n, batch_size):
-        if should_stop and should_stop():
+        if progress.should_stop():
             return
         seeds = [seed + i for i in range(start, min(n, start + batch_size))]
-        monitor = _Monitor(start * params.max_new_tokens, len(seeds), total, on_progress, should_stop)
+        monitor = _Monitor(start * params.max_new_tokens, len(seeds), total, progress)
         batch = _generate_batch(lm, prompt_ids, seeds, params, monitor, edits)
         yield batch
         if any(sample.finish_reason == "cancelled" for sample in batch):
             return
-        if on_progress:
-            on_progress((start + len(seeds)) * params.max_new_tokens, total)
+        progress.progress((start + len(seeds)) * params.max_new_tokens, total, "sampling")
 
 
 def sample_completions(lm: LoadedModel, prompt_ids: list[int], n: int, params: SamplingParams, seed: int,
-                       batch_size: int = 8, on_progress: Progress | None = None,
-                       should_stop: ShouldStop | None = None,
+                       batch_size: int = 8, progress: Progress = QUIET,
                        edits: Mapping[Site, Edit | list[Edit]] | None = None) -> list[Sample]:
     """N completions of `prompt_ids`, sampled `batch_size` at a time; completion i has seed `seed + i`."""
-    return [sample for batch in iter_sample_batches(lm, prompt_ids, n, params, seed, batch_size, on_progress,
-                                                    should_stop, edits) for sample in batch]
+    return [sample for batch in iter_sample_batches(lm, prompt_ids, n, params, seed, batch_size, progress, edits)
+            for sample in batch]
 
 
 def random_seed() -> int:
     return secrets.randbelow(2**31)
-
-
-def sample_into_session(store, lm: LoadedModel, session_id: int, prompt: str, n: int,  # type: ignore[no-untyped-def]
-                        params: SamplingParams, seed: int | None = None, batch_size: int = 8,
-                        on_progress: Progress | None = None, should_stop: ShouldStop | None = None,
-                        pack_id: str = "") -> tuple[int, list[int]]:
-    """Store the prompt, then commit each batch's completions as soon as it finishes.
-
-    Returns (prompt_id, completion ids). Cancelled (unfinished) completions are not stored.
-    """
-    if not prompt.strip():
-        raise AuditError("type a prompt first")
-    chat = use_chat(lm, params)
-    prompt_ids = lm.prompt_ids(prompt, chat=chat, system=params.system)
-    seed = random_seed() if seed is None else seed
-    check_request(lm, prompt_ids, n, params, seed, batch_size)  # before the prompt is stored
-    if not store.session(session_id)["model_id"]:
-        store.touch_session(session_id, model_id=lm.model_id, pack_id=pack_id)
-    prompt_id = store.add_prompt(session_id, prompt, prompt_ids, system=params.system, chat=chat)
-    stored = {**asdict(params), "chat": chat}
-    completion_ids = []
-    for batch in iter_sample_batches(lm, prompt_ids, n, params, seed, batch_size, on_progress, should_stop):
-        for sample in batch:
-            if sample.finish_reason != "cancelled":
-                completion_ids.append(store.add_completion(
-                    prompt_id, sample.text, sample.token_ids, sample.seed, stored, model_id=lm.model_id,
-                    pack_id=pack_id, finish_reason=sample.finish_reason))
-    return prompt_id, completion_ids

@@ -62,9 +62,76 @@ class Site:
 _HOOK_NAME = re.compile(r"blocks\.(\d+)\.(?:hook_(resid_pre|resid_post|attn_out|mlp_out)|attn\.hook_z)")
 
 
-# An edit receives the site tensor [batch, seq, width] and the absolute position of its first
-# token (non-zero during cached generation) and returns the tensor to use instead.
-Edit = Callable[[Tensor, int], Tensor]
+@dataclass(frozen=True)
+class Positions:
+    """Where the tokens of one forward call sit.
+
+    start: column of the call's first token in the whole (padded) sequence: the length of what the
+        KV cache already holds (non-zero for every token after the prompt in cached generation).
+    token: [batch, seq] each row's own position: the number of real tokens before it in its row, so a
+        left-padded row starts at 0 at its first real token; padding is -1.
+    """
+
+    start: int
+    token: Tensor  # [batch, seq] long
+
+    @property
+    def columns(self) -> Tensor:  # [seq] long
+        return torch.arange(self.start, self.start + self.token.shape[1], device=self.token.device)
+
+
+# An edit receives the site tensor [batch, seq, width] and the Positions of its tokens and returns
+# the tensor to use instead.
+Edit = Callable[[Tensor, Positions], Tensor]
+
+
+def _is_cache(value: object) -> bool:
+    return hasattr(value, "get_seq_length") and callable(value.get_seq_length)
+
+
+def forward_positions(args: tuple, kwargs: Mapping[str, object]) -> Positions:
+    """Positions of a base-model forward call, from what every transformers 5.x passes to it.
+
+    The start column comes from `cache_position` (older 5.x), else from the width of a 2-D
+    attention mask (the mask covers the cached tokens too, so it also holds for sliding-window
+    caches), else from the KV cache object under whatever keyword it is passed (`past_key_values`
+    or `cache`), else 0 when the call has no cache at all. Rows' own positions come from the 2-D
+    mask (left padding), else from `position_ids`, else from the columns. A call that carries a
+    cache-like keyword this cannot read raises instead of guessing 0.
+    """
+    given = [kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]]
+    first = next((value for value in given if value is not None), None)
+    if not isinstance(first, Tensor):
+        raise AuditError("cannot tell the positions of a forward call without input_ids or inputs_embeds")
+    batch, seq = first.shape[0], first.shape[1]
+    mask = kwargs.get("attention_mask")
+    mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    caches = [value for value in kwargs.values() if _is_cache(value)]
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, Tensor) and cache_position.numel():
+        start = int(cache_position.reshape(-1)[0])
+    elif mask is not None:
+        start = mask.shape[1] - seq
+    elif caches:
+        start = int(caches[0].get_seq_length())
+    else:
+        unread = [name for name, value in kwargs.items()
+                  if value is not None and ("cache" in name or "past" in name) and not isinstance(value, bool)]
+        if unread:
+            raise AuditError(f"cannot read the position of this forward call from {', '.join(unread)}; "
+                             "this transformers version passes its KV cache in a way auditui does not know")
+        start = 0
+    if start < 0:
+        raise AuditError(f"the attention mask is narrower ({start + seq}) than the call's {seq} tokens")
+    device = first.device
+    if mask is not None:
+        own = mask.long().cumsum(dim=1) - 1  # [batch, start + seq]
+        token = own[:, start:].masked_fill(mask[:, start:] == 0, -1)
+    elif isinstance(kwargs.get("position_ids"), Tensor):
+        token = kwargs["position_ids"].long().expand(batch, seq)  # type: ignore[union-attr]
+    else:
+        token = torch.arange(start, start + seq, device=device).expand(batch, seq)
+    return Positions(start, token.to(device))
 
 
 @dataclass(frozen=True)
@@ -194,7 +261,7 @@ class SiteHooks:
         self.keep_grad = keep_grad
         self._captured: dict[Site, list[Tensor]] = {site: [] for site in self.reads}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._start = 0  # absolute position of the current forward call's first token
+        self._positions: Positions | None = None  # of the current forward call of the base model
 
     # -- results -------------------------------------------------------------------------------
     @property
@@ -217,7 +284,7 @@ class SiteHooks:
     def __enter__(self) -> SiteHooks:
         try:
             body = self.model.get_submodule(self.adapter.body)
-            self._handles.append(body.register_forward_pre_hook(self._track_start, with_kwargs=True))
+            self._handles.append(body.register_forward_pre_hook(self._track_positions, with_kwargs=True))
             for site in sorted(set(self.reads) | set(self.edits)):
                 self._register(site)
         except BaseException:
@@ -233,9 +300,20 @@ class SiteHooks:
             handle.remove()
         self._handles.clear()
 
-    def _track_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        self._start = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+    def _track_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._positions = forward_positions(args, kwargs)
+
+    def positions(self, h: Tensor) -> Positions:
+        """Positions of h [batch, seq, width]: the current forward's, or (blocks run one by one,
+        outside the base model, as the pack evaluation's layer replay does) columns from 0."""
+        pos = self._positions
+        if pos is None:
+            batch, seq = h.shape[:2]
+            return Positions(0, torch.arange(seq, device=h.device).expand(batch, seq))
+        if pos.token.shape != h.shape[:2]:
+            raise AuditError(f"a site tensor of shape {tuple(h.shape[:2])} does not match its forward call's "
+                             f"tokens {tuple(pos.token.shape)}")
+        return pos
 
     def _register(self, site: Site) -> None:
         n_layers = self.model.config.num_hidden_layers
@@ -262,7 +340,7 @@ class SiteHooks:
 
         def process(h: Tensor) -> Tensor:
             for edit in edits:
-                h = edit(h, self._start)
+                h = edit(h, self.positions(h))
             if capture is not None:
                 if self.keep_grad and h.requires_grad:
                     h.retain_grad()

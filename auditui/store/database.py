@@ -24,6 +24,7 @@ from auditui.errors import AuditError
 from auditui.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 LABELS = ("positive", "negative", "unlabelled")
+PERSON = "user"  # the labeller of a person's labels; a judge labels as "judge:<model>"
 
 
 def _now() -> float:
@@ -206,16 +207,29 @@ class Store:
             raise AuditError(f"no prompt {prompt_id}")
         return {**rows[0], "prompt_ids": _loads(rows[0]["prompt_ids"])}
 
+    def delete_empty_prompt(self, prompt_id: int) -> bool:
+        """Remove a prompt that has no completion (e.g. its sampling was cancelled at once)."""
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM completions WHERE prompt_id = ? LIMIT 1", [prompt_id]).fetchone():
+                return False
+            db.execute("DELETE FROM prompts WHERE id = ?", [prompt_id])
+            return True
+
     def add_completion(self, prompt_id: int, text: str, token_ids: list[int], seed: int,
-                       params: dict, model_id: str = "", pack_id: str = "", finish_reason: str = "") -> int:
+                       params: dict, model_id: str = "", pack_id: str = "", finish_reason: str = "",
+                       intervention: dict | None = None, run_id: int | None = None) -> int:
+        """A completion; `intervention` is the steering plan that produced it (None: unsteered)."""
         prompt = self.prompt(prompt_id)
         with self._write() as db:
             return db["completions"].insert({
                 "session_id": prompt["session_id"], "prompt_id": prompt_id, "text": text,
                 "token_ids": _json(token_ids), "seed": seed, "params": _json(params), "model_id": model_id,
-                "pack_id": pack_id, "finish_reason": finish_reason, "created": _now()}).last_pk
+                "pack_id": pack_id, "finish_reason": finish_reason, "created": _now(),
+                "intervention": _json(intervention), "run_id": run_id}).last_pk
 
-    def completions(self, session_id: int | None = None, prompt_id: int | None = None) -> list[dict]:
+    def completions(self, session_id: int | None = None, prompt_id: int | None = None,
+                    steered: bool | None = None) -> list[dict]:
+        """Completions by session and/or prompt; steered False/True: only unsteered/steered ones."""
         where, args = [], []
         if session_id is not None:
             where.append("c.session_id = ?")
@@ -223,6 +237,8 @@ class Store:
         if prompt_id is not None:
             where.append("c.prompt_id = ?")
             args.append(prompt_id)
+        if steered is not None:
+            where.append(f"c.intervention IS {'NOT ' if steered else ''}NULL")
         return self._completion_rows(" AND ".join(where), args)
 
     def completion(self, completion_id: int) -> dict:
@@ -237,13 +253,20 @@ class Store:
         return self._completion_rows(f"c.id IN ({','.join('?' * len(ids))})", list(ids))
 
     def _completion_rows(self, where: str, args: list[Any]) -> list[dict]:
-        """Completions (with their label) matching an SQL condition on `c`, decoded, by id."""
+        """Completions (with a person's label) matching an SQL condition on `c`, decoded, by id."""
         sql = ("SELECT c.*, COALESCE(l.label, 'unlabelled') AS label, l.labeller FROM completions c "
-               "LEFT JOIN labels l ON l.completion_id = c.id" + (f" WHERE {where}" if where else "") + " ORDER BY c.id")
-        return [{**row, "token_ids": _loads(row["token_ids"]), "params": _loads(row["params"])}
-                for row in self.db.query(sql, args)]
+               f"LEFT JOIN labels l ON l.completion_id = c.id AND l.labeller = '{PERSON}'"
+               + (f" WHERE {where}" if where else "") + " ORDER BY c.id")
+        return [{**row, "token_ids": _loads(row["token_ids"]), "params": _loads(row["params"]),
+                 "intervention": _loads(row["intervention"])} for row in self.db.query(sql, args)]
 
-    def set_label(self, completion_id: int, label: str, labeller: str = "user") -> None:
+    def labels(self, completion_id: int) -> dict[str, str]:
+        """Every labeller's label of a completion: {labeller: label}."""
+        return {row["labeller"]: row["label"] for row in self.db.query(
+            "SELECT labeller, label FROM labels WHERE completion_id = ? ORDER BY labeller", [completion_id])}
+
+    def set_label(self, completion_id: int, label: str, labeller: str = PERSON) -> None:
+        """Label a completion as `labeller` sees it; other labellers' labels are kept."""
         aliases = {"pos": "positive", "+": "positive", "neg": "negative", "-": "negative",
                    "none": "unlabelled", "0": "unlabelled"}
         label = aliases.get(label, label)
@@ -252,33 +275,40 @@ class Store:
         completion = self.completion(completion_id)
         with self._write() as db:
             db["labels"].upsert({"completion_id": completion_id, "label": label, "labeller": labeller,
-                                 "updated": _now()}, pk="completion_id")
+                                 "updated": _now()}, pk=("completion_id", "labeller"))
             db["sessions"].update(completion["session_id"], {"updated": _now()})
 
     def pairs(self, session_id: int) -> list[dict]:
-        """Prompts with both labels: {prompt_id, positive: [completion ids], negative: [...]}."""
+        """Prompts with both labels (a person's, unsteered completions only):
+        {prompt_id, positive: [completion ids], negative: [...]}."""
         pairs: dict[int, dict] = {}
-        for row in self.db.query("""
-                SELECT c.prompt_id, c.id, l.label FROM completions c JOIN labels l ON l.completion_id = c.id
+        for row in self.db.query(f"""
+                SELECT c.prompt_id, c.id, l.label FROM completions c
+                JOIN labels l ON l.completion_id = c.id AND l.labeller = '{PERSON}'
                 WHERE c.prompt_id IN (SELECT prompt_id FROM pairs WHERE session_id = ?)
-                  AND l.label IN ('positive', 'negative')
+                  AND l.label IN ('positive', 'negative') AND c.intervention IS NULL
                 ORDER BY c.prompt_id, c.id""", [session_id]):
             pair = pairs.setdefault(row["prompt_id"], {"prompt_id": row["prompt_id"], "positive": [], "negative": []})
             pair[row["label"]].append(row["id"])
         return list(pairs.values())
 
     # -- runs (results of attribution, flow, steering, heads, judge ...) -----------------------
-    def start_run(self, session_id: int, kind: str, params: dict) -> int:
+    def start_run(self, session_id: int, kind: str, params: dict, provenance: dict | None = None,
+                  parent_id: int | None = None) -> int:
         self.session(session_id)
+        if parent_id is not None:
+            self.run(parent_id)
         with self._write() as db:
             pk = db["runs"].insert({"session_id": session_id, "kind": kind, "status": "running",
-                                    "params": _json(params), "created": _now()}).last_pk
+                                    "params": _json(params), "provenance": _json(provenance),
+                                    "parent_id": parent_id, "created": _now()}).last_pk
             db["sessions"].update(session_id, {"updated": _now()})
             return pk
 
-    def finish_run(self, run_id: int, result: Any, summary: Any = None) -> None:
+    def finish_run(self, run_id: int, result: Any, summary: Any = None, status: str = "done") -> None:
+        """Record a run's result; status "cancelled" keeps what was computed before the stop."""
         with self._write() as db:
-            db["runs"].update(run_id, {"status": "done", "result": _json(result), "summary": _json(summary),
+            db["runs"].update(run_id, {"status": status, "result": _json(result), "summary": _json(summary),
                                        "finished": _now()})
 
     def fail_run(self, run_id: int, error: str, status: str = "failed") -> None:
@@ -290,6 +320,10 @@ class Store:
         args: list[Any] = [session_id] + ([kind] if kind else [])
         return [self._run_row(row) for row in self.db.query(sql, args)]
 
+    def child_runs(self, run_id: int, kind: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM runs WHERE parent_id = ?" + (" AND kind = ?" if kind else "") + " ORDER BY id"
+        return [self._run_row(row) for row in self.db.query(sql, [run_id] + ([kind] if kind else []))]
+
     def run(self, run_id: int) -> dict:
         rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
         if not rows:
@@ -299,7 +333,7 @@ class Store:
     @staticmethod
     def _run_row(row: dict) -> dict:
         return {**row, "params": _loads(row["params"]), "summary": _loads(row["summary"]),
-                "result": _loads(row["result"])}
+                "result": _loads(row["result"]), "provenance": _loads(row["provenance"])}
 
     def put_blob(self, run_id: int, name: str, data: bytes) -> None:
         with self._write() as db:
@@ -310,7 +344,9 @@ class Store:
         return row[0] if row else None
 
     # -- features chosen for later steps (e.g. a steering set) ---------------------------------
-    def add_feature(self, session_id: int, site: str, latent: int, source: str, note: str = "") -> int:
+    def add_feature(self, session_id: int, site: str, latent: int, source: str, note: str = "",
+                    strength: float | None = None, sae_digest: str = "") -> int:
+        """Add a latent to the session's steering set (once per site and latent)."""
         self.session(session_id)
         with self._write() as db:
             existing = db.execute("SELECT id FROM features WHERE session_id = ? AND site = ? AND latent = ?",
@@ -318,7 +354,8 @@ class Store:
             if existing:
                 return existing[0]
             return db["features"].insert({"session_id": session_id, "site": site, "latent": latent,
-                                          "source": source, "note": note, "created": _now()}).last_pk
+                                          "source": source, "note": note, "strength": strength,
+                                          "sae_digest": sae_digest, "created": _now()}).last_pk
 
     def remove_feature(self, feature_id: int) -> None:
         with self._write() as db:

@@ -45,5 +45,40 @@ def _v1(db: sqlite_utils.Database) -> None:
         GROUP BY p.id HAVING n_positive > 0 AND n_negative > 0""")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """Labels keyed by (completion, labeller), so a judge's label never overwrites a person's;
+    completions record the steering plan that produced them (NULL: unsteered) and their run;
+    runs get a parent (exact checks, sweeps) and one provenance record; the steering set carries a
+    strength and the digest of the SAE its latent belongs to. Plain SQL: sqlite-utils' transform
+    would commit the migration's transaction half way."""
+    for sql in (
+        "DROP VIEW pairs",
+        """CREATE TABLE labels_v2 (
+               completion_id INTEGER NOT NULL REFERENCES completions(id), label TEXT NOT NULL,
+               labeller TEXT NOT NULL, updated FLOAT, PRIMARY KEY (completion_id, labeller))""",
+        "INSERT INTO labels_v2 SELECT completion_id, label, COALESCE(labeller, 'user'), updated FROM labels",
+        "DROP TABLE labels",
+        "ALTER TABLE labels_v2 RENAME TO labels",
+        "ALTER TABLE completions ADD COLUMN intervention TEXT",
+        "ALTER TABLE completions ADD COLUMN run_id INTEGER REFERENCES runs(id)",
+        "ALTER TABLE runs ADD COLUMN parent_id INTEGER REFERENCES runs(id)",
+        "ALTER TABLE runs ADD COLUMN provenance TEXT",
+        "ALTER TABLE features ADD COLUMN strength FLOAT",
+        "ALTER TABLE features ADD COLUMN sae_digest TEXT",
+        "CREATE INDEX idx_runs_parent_id ON runs (parent_id)",
+        # A pair is a prompt with at least one positive and one negative unsteered completion, as a person labelled them.
+        f"CREATE VIEW pairs AS {PAIRS_V2}",
+    ):
+        db.execute(sql)
+
+
+PAIRS_V2 = """
+    SELECT p.session_id, p.id AS prompt_id,
+           SUM(l.label = 'positive') AS n_positive, SUM(l.label = 'negative') AS n_negative
+    FROM prompts p JOIN completions c ON c.prompt_id = p.id
+         JOIN labels l ON l.completion_id = c.id AND l.labeller = 'user'
+    WHERE c.intervention IS NULL
+    GROUP BY p.id HAVING n_positive > 0 AND n_negative > 0"""
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -66,14 +66,14 @@ class AuditApp(App):
         self.push_screen(SessionsScreen())
         if self.load_engine:
             self.submit("load model", self._load_engine, on_done=self._engine_loaded,
-                        on_error=self._engine_failed, needs_engine=False)
+                        on_error=self._engine_failed, needs_engine=False, cancellable=False)
 
     def _load_engine(self, ctx: JobContext) -> tuple[str, list[str], Any]:
         """On the engine thread: the Engine into the shared state; (status line, SAE warnings, pack) back."""
-        from auditui.engine import open_engine
+        from auditui.workflows.engine import open_engine
 
         ctx.progress(0, 0, f"loading {self.settings.model}")
-        engine = open_engine(self.settings, progress=lambda message: ctx.progress(0, 0, message), strict=False)
+        engine = open_engine(self.settings, progress=ctx, strict=False)
         ctx.state["engine"] = engine
         lm, bank = engine.lm, engine.bank
         saes = (f"{len(bank)} SAEs" + (f" ({bank.pack.name})" if bank.pack else "")) if len(bank) else "no SAEs"
@@ -94,13 +94,17 @@ class AuditApp(App):
 
     # -- jobs ----------------------------------------------------------------------------------
     def submit(self, title: str, fn: Callable[[JobContext], Any], on_done: Callable[[Any], None] | None = None,
-               on_error: Callable[[str], None] | None = None, needs_engine: bool = True) -> Job:
-        """Queue engine work; `fn(ctx)` runs on the engine thread, callbacks on the UI thread."""
+               on_error: Callable[[str], None] | None = None, needs_engine: bool = True,
+               cancellable: bool = True) -> Job:
+        """Queue engine work; `fn(ctx)` runs on the engine thread, callbacks on the UI thread.
+
+        A job that is not cancellable (the model load: everything after it needs the model) runs to
+        its end when Esc is pressed; Esc then only drops the jobs queued behind it."""
         def run(ctx: JobContext) -> Any:
             if needs_engine and "engine" not in ctx.state:
                 raise AuditError(f"the model is not loaded{': ' + self.engine_error if self.engine_error else ''}")
             return fn(ctx)
-        return self.jobs.submit(Job(title, run, on_done, on_error))
+        return self.jobs.submit(Job(title, run, on_done, on_error, cancellable=cancellable))
 
     def on_job_started(self, message: JobStarted) -> None:
         self._set_job((message.job.title, 0, 0))
@@ -139,6 +143,8 @@ class AuditApp(App):
     def action_cancel_job(self) -> None:
         if self.jobs.cancel_current():
             self.notify("cancelling…", timeout=2)
+        elif self.jobs.busy:
+            self.notify("the model keeps loading: every step needs it", timeout=3)
 
     def action_toggle_theme(self) -> None:
         dark, light = dark_and_light(self.available_themes)

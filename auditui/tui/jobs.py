@@ -22,12 +22,9 @@ from typing import Any
 from textual.message import Message
 
 from auditui.errors import AuditError
+from auditui.progress import Cancelled
 
 log = logging.getLogger("auditui.tui")
-
-
-class JobCancelled(Exception):
-    """Raised by a job that noticed `should_stop()`; reported as cancelled, not failed."""
 
 
 @dataclass
@@ -36,11 +33,13 @@ class Job:
     fn: Callable[[JobContext], Any]
     on_done: Callable[[Any], None] | None = None
     on_error: Callable[[str], None] | None = None
+    cancellable: bool = True
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class JobContext:
-    """What a job sees on the engine thread: the shared state, progress and cancellation."""
+    """What a job sees on the engine thread: the shared state, and the `auditui.progress.Progress`
+    that workflows report to and check for cancellation."""
 
     def __init__(self, runner: EngineQueue, job: Job):
         self.runner, self.job = runner, job
@@ -115,7 +114,7 @@ class EngineQueue:
                 dropped = True
                 self.post(JobFailed(job, "cancelled before it started", cancelled=True))
         with self._lock:
-            if self._current is not None:
+            if self._current is not None and self._current.cancellable:
                 self._current.cancel.set()
                 return True
         return dropped
@@ -132,9 +131,9 @@ class EngineQueue:
             try:
                 result = job.fn(JobContext(self, job))
                 if job.cancel.is_set():
-                    raise JobCancelled()
+                    raise Cancelled()
                 self.post(JobDone(job, result))
-            except JobCancelled:
+            except Cancelled:
                 self.post(JobFailed(job, "cancelled", cancelled=True))
             except AuditError as exc:
                 self.post(JobFailed(job, str(exc)))

@@ -68,20 +68,26 @@ class AttributionScreen(StepScreen):
         self.title = "attribution"
         self.table.add_columns("#", "site", "latent", "Δ-attr", "", "Δ-act", "act#",
                                                           "exact", "tokens")
+        from auditui.workflows.attribute import attribution_run
+
         runs = [r for r in self.store.runs(self.session_id, "attribution") if r["status"] == "done"]
         if runs:
-            self.show_run(runs[-1])
+            self.show_run(attribution_run(self.store, runs[-1]["id"]))
 
     # -- running -------------------------------------------------------------------------------
-    def request(self) -> dict:
+    def request(self):  # type: ignore[no-untyped-def]
         from auditui.engine.sites import Site
+        from auditui.workflows.attribute import AttributeRequest
 
         value = self.param_values()
-        sites = [Site.parse(part) for part in value["sites"].replace(",", " ").split()]
+        sites = tuple(Site.parse(part) for part in value["sites"].replace(",", " ").split())
         if not sites:
             raise AuditError("give at least one site, e.g. 12/resid_post")
-        return {"sites": sites, "top_k": int(parse_number(value["top"], int, "top", 1, 100000)),
-                "check": int(parse_number(value["check"], int, "check", 0, 1000)), "positions": value["positions"]}
+        request = AttributeRequest(sites=sites, top_k=int(parse_number(value["top"], int, "top", 1, 100000)),
+                                   check=int(parse_number(value["check"], int, "check", 0, 1000)),
+                                   positions=value["positions"])
+        request.validate()
+        return request
 
     @guarded
     def action_run(self) -> None:
@@ -89,11 +95,9 @@ class AttributionScreen(StepScreen):
         store, session_id = self.store, self.session_id
 
         def job(ctx):  # type: ignore[no-untyped-def]
-            from auditui.engine.attribution import run_attribution
+            from auditui.workflows.attribute import attribute, attribution_run
 
-            run_id = run_attribution(self.engine(ctx), store, session_id, on_progress=ctx.progress,
-                                     should_stop=ctx.should_stop, **req)
-            return store.run(run_id)
+            return attribution_run(store, attribute(store, self.engine(ctx), session_id, req, ctx))
 
         self.submit("attribution", job, on_done=self.show_run)
 
@@ -139,11 +143,10 @@ class AttributionScreen(StepScreen):
         store, run_id, target = self.store, self.run["id"], (row["site"], row["latent"])
 
         def job(ctx):  # type: ignore[no-untyped-def]
-            from auditui.engine.attribution import check_latents
+            from auditui.workflows.attribute import attribution_run, check_latents
 
-            check_latents(self.engine(ctx), store, run_id, [target], on_progress=ctx.progress,
-                          should_stop=ctx.should_stop)
-            return store.run(run_id)
+            check_latents(store, self.engine(ctx), run_id, [target], progress=ctx)
+            return attribution_run(store, run_id)
 
         self.submit(f"exact check {target[0]}/{target[1]}", job, on_done=self.show_run)
 
@@ -155,10 +158,9 @@ class AttributionScreen(StepScreen):
         store, session_id = self.store, self.session_id
 
         def job(ctx):  # type: ignore[no-untyped-def]
-            from auditui.engine.labels import top_snippets
-            from auditui.engine.sites import Site
+            from auditui.workflows.snippets import session_snippets
 
-            return top_snippets(self.engine(ctx), store, session_id, Site.parse(row["site"]), row["latent"])
+            return session_snippets(store, self.engine(ctx), session_id, row["site"], row["latent"])
 
         label = f"{row['site']}/{row['latent']}"
         self.submit(f"snippets {label}", job, on_done=lambda snippets: self.show_snippets(label, snippets))

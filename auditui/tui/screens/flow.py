@@ -62,15 +62,17 @@ class FlowScreen(StepScreen):
             self.query_one("#param-feature").focus()
 
     # -- building ------------------------------------------------------------------------------
-    def request(self) -> dict:
+    def request(self):  # type: ignore[no-untyped-def]
+        from auditui.workflows.flow import FlowRequest
+
         value = self.param_values()
         if not value["feature"]:
             raise AuditError("type a feature as LAYER/KIND/INDEX, e.g. 12/resid_post/1234")
         if value["dir"] not in DIRECTIONS:
             raise AuditError(f"dir must be one of {', '.join(DIRECTIONS)}")
-        return {"feature": value["feature"], "k": int(parse_number(value["k"], int, "k", 1, 16)),
-                "direction": value["dir"], "cut": float(parse_number(value["t_R"], float, "t_R", -1, 1)),
-                "module": float(parse_number(value["t_M"], float, "t_M", -1, 1))}
+        return FlowRequest(value["feature"], k=int(parse_number(value["k"], int, "k", 1, 16)), direction=value["dir"],
+                           t_res=float(parse_number(value["t_R"], float, "t_R", -1, 1)),
+                           t_module=float(parse_number(value["t_M"], float, "t_M", -1, 1)))
 
     def on_input_submitted(self) -> None:
         self.action_build()
@@ -81,15 +83,15 @@ class FlowScreen(StepScreen):
         store, session_id = self.store, self.session_id
 
         def job(ctx):  # type: ignore[no-untyped-def]
-            from auditui.engine.flow import Thresholds, build_flow_graph, layer_rows, store_flow_graph
+            from auditui.engine.flow import layer_rows
+            from auditui.workflows.flow import flow_graph, record_flow
 
             engine = self.engine(ctx)
-            graph = build_flow_graph(engine, req["feature"], k=req["k"], direction=req["direction"],
-                                     thresholds=Thresholds(cut=req["cut"], module=req["module"]))
-            store_flow_graph(store, session_id, graph, engine)
+            graph = flow_graph(engine, req)
+            record_flow(store, engine, session_id, graph)
             return graph.to_dict(), layer_rows(graph)
 
-        self.submit(f"flow {req['feature']}", job, on_done=self.show_graph)
+        self.submit(f"flow {req.feature}", job, on_done=self.show_graph)
 
     def show_graph(self, result: tuple[dict, list[dict]]) -> None:
         self.graph, layers = result
@@ -153,7 +155,8 @@ class FlowScreen(StepScreen):
             return
         comps = self.store.completions(self.session_id)
         default = comps[-1]["text"] if comps else ""
-        fields = [("text", default), ("token (negative counts from the end)", "-1"), ("r", "0")]
+        fields = [("text", default), ("token (negative counts from the end)", "-1"), ("r", "0"),
+                  ("chat template (y/n)", "n")]
         self.app.push_screen(AskForm(f"Deactivation test of {node['id']}'s predecessors", fields),
                              lambda answer: self._deactivate(node["id"], answer))
 
@@ -161,18 +164,23 @@ class FlowScreen(StepScreen):
     def _deactivate(self, feature: str, answer: dict[str, str] | None) -> None:
         if not answer:
             return
+        from auditui.workflows.flow import DeactivateRequest
+
         values = list(answer.values())
-        text, token = values[0], int(parse_number(values[1], int, "token", -10**6, 10**6))
-        r = float(parse_number(values[2], float, "r", -100, 100))
+        if values[3].strip().lower() not in ("y", "n", "yes", "no"):
+            raise AuditError("chat template: answer y or n")
+        req = DeactivateRequest(feature, values[0], token=int(parse_number(values[1], int, "token", -10**6, 10**6)),
+                                r=float(parse_number(values[2], float, "r", -100, 100)),
+                                chat=values[3].strip().lower().startswith("y"))
         store, session_id = self.store, self.session_id
 
         def job(ctx):  # type: ignore[no-untyped-def]
-            from auditui.engine.deactivation import deactivation_summary, deactivation_test, store_deactivation
-            from auditui.engine.flow import text_ids
+            from auditui.engine.deactivation import deactivation_summary
+            from auditui.workflows.flow import deactivate, record_deactivation
 
             engine = self.engine(ctx)
-            result = deactivation_test(engine, feature, text_ids(engine.lm, text), token, r=r)
-            store_deactivation(store, session_id, engine, result, text)
+            result = deactivate(engine, req)
+            record_deactivation(store, engine, session_id, req, result)
             return deactivation_summary(result)
 
         self.submit(f"deactivate {feature}", job, on_done=lambda summary: self.show_detail(summary_text(summary)))

@@ -162,18 +162,19 @@ class SamplesScreen(AuditScreen):
         prompt, n, params, seed = self.sampling_request()
         store, session_id = self.store, self.session_id
 
+        settings = self.app.settings  # type: ignore[attr-defined]
+
         def job(ctx):  # type: ignore[no-untyped-def]
-            from auditui.engine.sampling import sample_into_session
+            from auditui.workflows.engine import pack_label
+            from auditui.workflows.sample import SampleRequest, sample
 
-            engine = self.engine(ctx)
-            return sample_into_session(store, engine.lm, session_id, prompt, n, params, seed=seed,
-                                       on_progress=lambda done, total: ctx.progress(done, total, f"{done}/{total} tokens"),
-                                       should_stop=ctx.should_stop, pack_id=engine.pack_id)
+            return sample(store, self.engine(ctx).lm, session_id, SampleRequest(prompt, n, params, seed), ctx,
+                          pack_id=pack_label(settings))
 
-        def done(result: tuple[int, list[int]]) -> None:
-            self.refresh_prompts(select=result[0])
+        def done(result) -> None:  # type: ignore[no-untyped-def]
+            self.refresh_prompts(select=result.prompt_id)
             self.query_one("#completions", DataTable).focus()
-            self.notify(f"{len(result[1])} completions sampled", timeout=3)
+            self.notify(f"{len(result.completion_ids)} completions sampled", timeout=3)
 
         self.submit(f"sample {n}", job, on_done=done, on_error=lambda _e: self.refresh_prompts())
 
