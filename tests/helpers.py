@@ -67,3 +67,24 @@ def attribution(engine, store, session_id: int, sites, progress=None, **request)
     from auditui.workflows.attribute import AttributeRequest, attribute
 
     return attribute(store, engine, session_id, AttributeRequest(sites=tuple(sites), **request), progress or QUIET)
+
+
+# -- the TUI under Pilot ---------------------------------------------------------------------
+SIZE = (80, 24)
+NASTY = "[/INST] [bold]not bold[/bold] <script>alert(1)</script>"
+
+
+async def wait_idle(app, pilot, timeout: float = 60.0) -> None:
+    """Wait until the engine queue has nothing running or queued."""
+    waited = 0.0
+    while app.jobs.busy or app.job_status is not None:
+        await pilot.pause(0.1)
+        waited += 0.1
+        assert waited < timeout, "engine queue never went idle"
+    await pilot.pause()
+
+
+def cells(table) -> list[list[str]]:
+    return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+
+

@@ -26,6 +26,7 @@ from auditui.cli.common import (
     JsonOpt,
     ModelOpt,
     PackOpt,
+    Printer,
     SaeOpt,
     SessionOpt,
     emit,
@@ -134,7 +135,7 @@ def tables(k: int = typer.Option(5, "--k", help="matches kept per row (at least 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype)
     engine: Engine = engine_for(settings, sae)
     started = time.perf_counter()
-    pairs = precompute_tables(engine, k, lambda message: typer.echo(f"... {message}", err=True))
+    pairs = precompute_tables(engine, k, Printer())
     data = {"tables": len(pairs), "seconds": round(time.perf_counter() - started, 3),
             "cache": str(settings.cache_path / "flow")}
     emit(data, as_json, lambda d: typer.echo(f"{d['tables']} transition tables ready in {d['cache']} "

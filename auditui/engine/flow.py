@@ -68,7 +68,7 @@ One `FlowIndex` per SAE bank (`flow_index(engine)`) keeps all of this warm betwe
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
@@ -79,6 +79,7 @@ from auditui.engine.labels import logit_lens_tokens
 from auditui.engine.sites import Site, SiteHooks
 from auditui.engine.transitions import TABLE_K, TransitionCache
 from auditui.errors import AuditError
+from auditui.progress import QUIET, Progress, stop_if_asked
 
 if TYPE_CHECKING:
     from auditui.engine import Engine
@@ -312,8 +313,7 @@ def step_scores(engine: Engine, feature: Feature | str, k: int = 1, direction: s
     return index.step(index.check(feature), k, direction)
 
 
-def precompute_tables(engine: Engine, k: int = TABLE_K,
-                      progress: Callable[[str], None] | None = None) -> list[tuple[Site, Site]]:
+def precompute_tables(engine: Engine, k: int = TABLE_K, progress: Progress = QUIET) -> list[tuple[Site, Site]]:
     """Build (or load) every transition table a flow graph over this bank can use; returns the pairs."""
     index = flow_index(engine)
     pairs = []
@@ -325,9 +325,9 @@ def precompute_tables(engine: Engine, k: int = TABLE_K,
                 pairs += [(site, dst) for m, dst in index.module_sites(probe, direction).items()
                           if m in modules and isinstance(dst, Site)]
     for i, (src, dst) in enumerate(pairs):
-        if progress:
-            progress(f"transition table {i + 1}/{len(pairs)}: {src} -> {dst}")
+        stop_if_asked(progress)
         index.cache.table(src, dst, k)
+        progress.progress(i + 1, len(pairs), f"transition table {src} -> {dst}")
     return pairs
 
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from auditui.engine.reference import TokenSeq, counted_mask, encode_rows, read_sites
 from auditui.engine.sites import Site
+from auditui.progress import QUIET, Progress, stop_if_asked
 
 if TYPE_CHECKING:
     from auditui.engine import Engine
@@ -85,11 +86,13 @@ def logit_lens_tokens(lm: LoadedModel, directions: Tensor, k: int = 8) -> list[l
 
 
 def top_snippets(engine: Engine, seqs: list[TokenSeq], site: Site, latent: int, k: int = 8,
-                 before: int = 24, after: int = 8, batch_size: int = 8) -> list[dict]:
-    """The k texts of `seqs` where `latent` of `site` is most active (see module docstring)."""
+                 before: int = 24, after: int = 8, batch_size: int = 8, progress: Progress = QUIET) -> list[dict]:
+    """The k texts of `seqs` where `latent` of `site` is most active (see module docstring);
+    Cancelled when progress.should_stop()."""
     lm, sae = engine.lm, engine.bank.sae(site)
     latent_index = torch.tensor([latent], device=sae.W_dec.device)
     found = []  # (max, position, seq, activations of the whole sequence)
+    done = 0
     for batch, ids, acts in read_sites(lm, seqs, [site], batch_size):
         rows = acts[site].reshape(-1, acts[site].shape[-1])  # [B*T, width]
         codes = encode_rows(sae, rows, latent_index)[:, 0].reshape(ids.shape)  # [B, T]
@@ -98,6 +101,9 @@ def top_snippets(engine: Engine, seqs: list[TokenSeq], site: Site, latent: int, 
         for row, seq in enumerate(batch):
             if best[row] > 0:
                 found.append((float(best[row]), int(position[row]), seq, codes[row, :len(seq)].tolist()))
+        done += len(batch)
+        progress.progress(done, len(seqs), "snippets")
+        stop_if_asked(progress)
     found.sort(key=lambda item: -item[0])
     return [_snippet(lm, *item, before=before, after=after) for item in found[:k]]
 

@@ -160,7 +160,7 @@ class AttributionScreen(StepScreen):
         def job(ctx):  # type: ignore[no-untyped-def]
             from auditui.workflows.snippets import session_snippets
 
-            return session_snippets(store, self.engine(ctx), session_id, row["site"], row["latent"])
+            return session_snippets(store, self.engine(ctx), session_id, row["site"], row["latent"], progress=ctx)
 
         label = f"{row['site']}/{row['latent']}"
         self.submit(f"snippets {label}", job, on_done=lambda snippets: self.show_snippets(label, snippets))

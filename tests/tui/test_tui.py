@@ -11,6 +11,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from helpers import NASTY, SIZE, cells, wait_idle
 from platformdirs import user_data_dir
 from rich.control import strip_control_codes
 from textual.widgets import DataTable, Static
@@ -22,26 +23,9 @@ from auditui.tui.app import AuditApp
 from auditui.tui.screens.dialogs import Help
 from auditui.tui.screens.samples import SamplesScreen
 
-SIZE = (80, 24)
-NASTY = "[/INST] [bold]not bold[/bold] <script>alert(1)</script>"
-
-
-async def wait_idle(app: AuditApp, pilot, timeout: float = 60.0) -> None:
-    """Wait until the engine queue has nothing running or queued."""
-    waited = 0.0
-    while app.jobs.busy or app.job_status is not None:
-        await pilot.pause(0.1)
-        waited += 0.1
-        assert waited < timeout, "engine queue never went idle"
-    await pilot.pause()
-
 
 def settings_for(tmp_path, model_dir, **extra):
     return load_settings(model=str(model_dir), pack="", db=str(tmp_path / "s.db"), **extra)
-
-
-def cells(table: DataTable) -> list[list[str]]:
-    return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
 
 
 async def test_sample_label_quit_and_reopen(tmp_path, tiny_models):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from test_tui import SIZE, wait_idle
+from helpers import SIZE, wait_idle
 from typer.testing import CliRunner
 
 from auditui.cli import app as cli

@@ -306,7 +306,7 @@ def test_a_v1_database_made_by_wave_1_migrates_in_place_and_keeps_every_row(tmp_
     import shutil
 
     path = tmp_path / "v1.db"
-    shutil.copy(Path(__file__).parent / "data" / "v1_session.db", path)
+    shutil.copy(Path(__file__).parent.parent / "data" / "v1_session.db", path)
     before = sqlite3.connect(path)
     assert before.execute("PRAGMA user_version").fetchone()[0] == 1
     rows = {table: before.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()

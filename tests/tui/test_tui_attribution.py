@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from helpers import labelled_session
-from test_tui import SIZE, cells, wait_idle
+from helpers import SIZE, cells, labelled_session, wait_idle
 from textual.widgets import DataTable, Static
 
 from auditui.config import load_settings
