@@ -368,7 +368,7 @@ class SAEBank:
 
 def out_projection(lm: LoadedModel, layer: int) -> Tensor:
     """The attention output matrix of `layer` as [n_heads*d_head, d_model] (z @ W_O), float32."""
-    module = lm.model.get_submodule(f"{lm.adapter.layers}.{layer}.{lm.adapter.out_proj}")
-    weight = module.weight.detach().float()
-    # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
-    return weight if type(module).__name__ == "Conv1D" else weight.T
+    from auditui.engine.head_weights import head_weights
+
+    w_o = head_weights(lm.model, layer).w_o  # [n_heads, d_head, d_model]
+    return w_o.reshape(-1, w_o.shape[-1]).float()
