@@ -84,9 +84,10 @@ def flow(ctx: typer.Context, feature: FeatureOpt = None,
     from auditui.workflows.flow import FlowRequest, flow_graph, record_flow
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
-    engine = engine_for(settings, sae)
     request = FlowRequest(feature, k=k, direction=direction, t_res=t_res, t_module=t_module, labels=labels,
                           build_tables=tables)
+    request.validate()  # before the model loads
+    engine = engine_for(settings, sae)
     graph = flow_graph(engine, request)
     data = graph.to_dict()
     if save:
@@ -115,8 +116,9 @@ def deactivate(feature: FeatureOpt = None,
     from auditui.workflows.flow import deactivate as deactivate_workflow
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
-    engine = engine_for(settings, sae)
     request = DeactivateRequest(feature, text, token=token, r=r, seed=seed, chat=chat)
+    request.validate()
+    engine = engine_for(settings, sae)
     result = deactivate_workflow(engine, request)
     summary = deactivation_summary(result)
     if save:

@@ -58,7 +58,9 @@ def build(name: NameArg = DEFAULT_PACK, model: ModelOpt = None, device: DeviceOp
           as_json: JsonOpt = False) -> None:
     """Build (or resume) a pack: TopK SAEs on every resid/attn/mlp site, trained in one model pass."""
     from auditui.engine.packs import BuildPlan, build_pack, parse_layers, quick_plan
+    from auditui.engine.saes import check_pack_name
 
+    check_pack_name(name)
     settings = settings_from(model=model, device=device, dtype=dtype)
     plan = quick_plan(name, settings.model) if quick else BuildPlan(name=name, model=settings.model)
     overrides = {"layers": parse_layers(layers) if layers else None, "train_tokens": tokens,

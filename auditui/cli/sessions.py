@@ -6,7 +6,6 @@ is printed with plain echo (never through Rich markup).
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -28,18 +27,14 @@ from auditui.cli.common import (
     settings_from,
 )
 from auditui.errors import AuditError
+from auditui.text import one_line, visible
 
 session_app = typer.Typer(help="Create, list, show, rename and delete sessions.", no_args_is_help=True)
 app.add_typer(session_app, name="session")
 
 
-def _shown(text: str) -> str:
-    """Model text for a terminal: control characters (escape sequences ...) as visible \\xNN codes."""
-    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
 def _short(text: str, width: int = 72) -> str:
-    line = " ".join(_shown(text).split())
+    line = " ".join(visible(text).split())
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
@@ -49,7 +44,7 @@ def session_new(name: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Create a session (it becomes the most recent one)."""
     with open_store(db) as store:
         session = store.session(store.create_session(name))
-    emit(session, as_json, lambda s: typer.echo(f"created session {s['id']}: {s['name']}"))
+    emit(session, as_json, lambda s: typer.echo(f"created session {s['id']}: {visible(s['name'])}"))
 
 
 @session_app.command("list")
@@ -69,7 +64,7 @@ def session_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
 
 def _print_session(data: dict) -> None:
     s = data["session"]
-    typer.echo(f"session {s['id']}: {s['name']} (model {s['model_id'] or '-'}, pack {s['pack_id'] or '-'})")
+    typer.echo(f"session {s['id']}: {visible(s['name'])} (model {s['model_id'] or '-'}, pack {s['pack_id'] or '-'})")
     for prompt in data["prompts"]:
         typer.echo(f"prompt {prompt['id']}: {_short(prompt['text'])}")
         for c in prompt["completions"]:
@@ -99,7 +94,7 @@ def session_rename(session_id: int, name: str, db: DbOpt = None, as_json: JsonOp
     with open_store(db) as store:
         store.rename_session(session_id, name)
         session = store.session(session_id)
-    emit(session, as_json, lambda s: typer.echo(f"renamed session {s['id']} to {s['name']}"))
+    emit(session, as_json, lambda s: typer.echo(f"renamed session {s['id']} to {visible(s['name'])}"))
 
 
 @session_app.command("delete")
@@ -109,7 +104,7 @@ def session_delete(session_id: int, yes: Annotated[bool, typer.Option("--yes", h
     with open_store(db) as store:
         session = store.session(session_id)
         if not yes:
-            raise AuditError(f"deleting session {session_id} ({session['name']}) loses its prompts, completions "
+            raise AuditError(f"deleting session {session_id} ({one_line(session['name'])}) loses its prompts, completions "
                              "and runs; pass --yes to confirm")
         store.delete_session(session_id)
     emit({"deleted": session_id}, as_json, lambda _d: typer.echo(f"deleted session {session_id}"))
@@ -120,7 +115,7 @@ def _print_samples(result: dict) -> None:
     typer.echo(f"prompt {result['prompt_id']} in session {result['session_id']} (seed {result['seed']})")
     for c in result["completions"]:
         typer.echo(f"\n#{c['id']} seed {c['seed']} ({c['finish_reason']}, {len(c['token_ids'])} tokens)")
-        typer.echo(_shown(c["text"]))
+        typer.echo(visible(c["text"]))
 
 
 @app.command()
@@ -184,15 +179,12 @@ def report(fmt: Annotated[str, typer.Option("--format", "-f", help="md | html | 
            out: Annotated[Path | None, typer.Option("--out", "-o", help="write to this file")] = None,
            session: SessionOpt = None, db: DbOpt = None) -> None:
     """The session's report: prompts, completions, labels, pairs and every run's results."""
-    from auditui.store.reports import render_report
+    from auditui.store.reports import render_report, write_export
 
     with open_store(db) as store:
         text = render_report(store, store.resolve_session(session), fmt)
+        database = store.path
     if out is None:
-        sys.stdout.write(text)  # verbatim: echo would strip escape sequences out of model text
+        sys.stdout.write(text)  # model text in it is already shown as visible escapes
         return
-    try:
-        out.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise AuditError(f"cannot write {out}: {exc.strerror}") from None
-    typer.echo(f"wrote {out}", err=True)
+    typer.echo(f"wrote {write_export(out, text, fmt, database)}", err=True)

@@ -39,7 +39,7 @@ from torch import Tensor
 from auditui.engine.corpus import DEFAULT_SOURCES, Source, TokenCorpus, load_source, token_sequences
 from auditui.engine.model import LoadedModel, load_model
 from auditui.engine.sae_training import TopKTrainer, TrainConfig, norm_scale
-from auditui.engine.saes import MANIFEST, PackInfo, packs_root, read_pack, write_pack_manifest
+from auditui.engine.saes import MANIFEST, PackInfo, check_pack_name, packs_root, read_pack, write_pack_manifest
 from auditui.engine.sites import Edit, Positions, Site, SiteHooks, _first_tensor
 from auditui.errors import AuditError
 
@@ -498,7 +498,7 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
                force: bool = False, lm: LoadedModel | None = None, checkpoint_seconds: float = 600.0) -> Path:
     """Build (or resume) pack `plan.name` under `<cache>/packs/`; returns the pack directory."""
     say = progress or (lambda stage, done, total: None)
-    final = packs_root(cache_dir) / plan.name
+    final = packs_root(cache_dir) / check_pack_name(plan.name)
     if is_complete(final) and not force:
         say(f"pack {plan.name} is already built at {final}", 0, 0)
         return final

@@ -79,6 +79,28 @@ def packs_root(cache_dir: Path) -> Path:
     return cache_dir / "packs"
 
 
+def check_pack_name(name: str) -> str:
+    """A pack name is one folder name under <cache>/packs: letters, digits, '.', '_', '-'."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name or "") or ".." in name:
+        raise AuditError(f"pack name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (a folder name, "
+                         "no path); give a directory with --pack to use a pack elsewhere")
+    return name
+
+
+def _check_manifest(pack_dir: Path, manifest: object) -> dict:
+    """The manifest's shape, and every SAE path inside the pack folder."""
+    where = pack_dir / MANIFEST
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("saes"), dict):
+        raise AuditError(f"{where} has no 'saes' mapping of site -> SAE entry")
+    root = pack_dir.resolve()
+    for site, entry in manifest["saes"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise AuditError(f"{where}: the entry of {site!r} has no 'path'")
+        if not (root / entry["path"]).resolve().is_relative_to(root):
+            raise AuditError(f"{where}: the SAE path of {site} ({entry['path']!r}) leaves the pack folder")
+    return manifest
+
+
 def resolve_pack_dir(spec: str, cache_dir: Path) -> Path:
     """A pack given as a directory, or by name under `<cache>/packs/`."""
     path = Path(spec).expanduser()
@@ -97,12 +119,12 @@ def read_pack(pack_dir: Path) -> PackInfo:
         manifest = json.loads((pack_dir / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise AuditError(f"cannot read {pack_dir / MANIFEST}: {exc}") from None
-    if manifest.get("format") != PACK_FORMAT:
-        raise AuditError(f"{pack_dir / MANIFEST} is not an auditui pack (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
+        raise AuditError(f"{pack_dir / MANIFEST} is not an auditui pack manifest")
     if not manifest.get("complete", False):
         raise AuditError(f"pack {pack_dir} is incomplete (an interrupted build); rebuild it")
-    return PackInfo(name=manifest.get("name", pack_dir.name), path=pack_dir,
-                    model_id=manifest.get("model_id", ""), manifest=manifest)
+    return PackInfo(name=str(manifest.get("name", pack_dir.name)), path=pack_dir,
+                    model_id=str(manifest.get("model_id", "")), manifest=_check_manifest(pack_dir, manifest))
 
 
 def write_pack_manifest(pack_dir: Path, name: str, model_id: str, saes: dict[Site, Path],
@@ -299,6 +321,9 @@ class SAEBank:
     def _load(self, source: SAESource) -> SAE:
         from sae_lens import SAE
 
+        if source.path is not None and source.digest and weights_digest(source.path) != source.digest:
+            raise AuditError(f"SAE {source.label} at {source.path} does not match the sha256 in its pack "
+                             "manifest (changed or damaged); rebuild the pack")
         try:
             if source.path is not None:
                 sae = SAE.load_from_disk(source.path, device=str(self.device), dtype="float32")

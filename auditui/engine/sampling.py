@@ -49,8 +49,8 @@ class SamplingParams:
     system: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # also rejects NaN
-            raise AuditError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # also rejects NaN
+            raise AuditError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise AuditError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:

@@ -39,6 +39,12 @@ def _loads(value: str | None) -> Any:
     return None if value in (None, "") else json.loads(value)
 
 
+def _check_id(value: int, what: str) -> None:
+    """Ids beyond SQLite's 64-bit integers are refused with a message, not an OverflowError."""
+    if not -(2**63) <= int(value) < 2**63:
+        raise AuditError(f"no {what} {value}: ids are 64-bit integers")
+
+
 @contextmanager
 def database_errors(path: Path) -> Iterator[None]:
     """Turn SQLite failures inside the block (damaged file, read-only place, lock) into one-line AuditErrors."""
@@ -93,6 +99,9 @@ class Store:
                 if version > SCHEMA_VERSION:
                     raise AuditError(f"{self.path} was written by a newer auditui (schema {version} > "
                                      f"{SCHEMA_VERSION}); upgrade auditui to open it")
+                if version == 0 and db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+                    raise AuditError(f"{self.path} is an SQLite database of another program, not an auditui "
+                                     "session database; it is left untouched (pass --db elsewhere)")
                 mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if mode.lower() != "wal":
                     raise AuditError(f"cannot use WAL journaling for {self.path} (got {mode})")
@@ -144,6 +153,7 @@ class Store:
             FROM sessions s ORDER BY s.updated DESC, s.id DESC"""))
 
     def session(self, session_id: int) -> dict:
+        _check_id(session_id, "session")
         rows = list(self.db.query("SELECT * FROM sessions WHERE id = ?", [session_id]))
         if not rows:
             raise AuditError(f"no session {session_id} in {self.path}")
@@ -202,6 +212,7 @@ class Store:
         return [{**row, "prompt_ids": _loads(row["prompt_ids"])} for row in rows]
 
     def prompt(self, prompt_id: int) -> dict:
+        _check_id(prompt_id, "prompt")
         rows = list(self.db.query("SELECT * FROM prompts WHERE id = ?", [prompt_id]))
         if not rows:
             raise AuditError(f"no prompt {prompt_id}")
@@ -242,6 +253,7 @@ class Store:
         return self._completion_rows(" AND ".join(where), args)
 
     def completion(self, completion_id: int) -> dict:
+        _check_id(completion_id, "completion")
         rows = self.completions_by_ids([completion_id])
         if not rows:
             raise AuditError(f"no completion {completion_id}")
@@ -325,6 +337,7 @@ class Store:
         return [self._run_row(row) for row in self.db.query(sql, [run_id] + ([kind] if kind else []))]
 
     def run(self, run_id: int) -> dict:
+        _check_id(run_id, "run")
         rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
         if not rows:
             raise AuditError(f"no run {run_id}")

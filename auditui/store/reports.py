@@ -4,22 +4,31 @@ Runs are rendered generically from their `summary` ({"headline", "table": {"colu
 "notes"}), params and status, so every later step appears without code here; the JSON export also
 carries each run's full result (ranked latents, graphs ...) for scripts. `render_reports` renders
 several formats from one read of the session (`session_data`); `render_report` renders one. The document is
-first built as a list of blocks; the HTML writer escapes every piece of text it emits, and the
-Markdown writer puts model text in code fences long enough to keep it literal.
+first built as a list of blocks; every piece of text goes through `auditui.text` (control and bidi
+characters shown as escapes), the HTML writer escapes it, and the Markdown writer escapes Markdown
+syntax in headings, paragraphs and cells and puts model text in code fences long enough to keep it
+literal.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
 import re
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from auditui.errors import AuditError
 from auditui.store.database import Store
+from auditui.text import md_inline, visible
 
 FORMATS = ("md", "html", "json")
+MD_MARK = "<!-- auditui report -->"
+HTML_MARK = '<meta name="generator" content="auditui">'
+JSON_KEYS = {"session", "prompts", "pairs", "features", "runs"}
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 # A block is ("h", level, text) | ("p", text) | ("pre", text) | ("table", columns, rows) | ("ul", items).
 Block = tuple
@@ -122,28 +131,24 @@ def _fence(text: str) -> str:
     return f"{ticks}text\n{text}\n{ticks}"
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
-
-
 def to_markdown(blocks: list[Block]) -> str:
     parts = []
     for block in blocks:
         kind = block[0]
         if kind == "h":
-            parts.append("#" * block[1] + " " + block[2].replace("\n", " "))
+            parts.append("#" * block[1] + " " + md_inline(block[2]))
         elif kind == "p":
-            parts.append(block[1])
+            parts.append(md_inline(block[1]))
         elif kind == "pre":
-            parts.append(_fence(block[1]))
+            parts.append(_fence(visible(block[1])))
         elif kind == "ul":
-            parts.append("\n".join(f"- {item}" for item in block[1]))
+            parts.append("\n".join(f"- {md_inline(item)}" for item in block[1]))
         else:
             columns, rows = block[1], block[2]
-            lines = ["| " + " | ".join(map(_md_cell, columns)) + " |", "|" + "---|" * len(columns)]
-            lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in rows]
+            lines = ["| " + " | ".join(map(md_inline, columns)) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(md_inline(v) for v in row) + " |" for row in rows]
             parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+    return MD_MARK + "\n" + "\n\n".join(parts) + "\n"
 
 
 # -- HTML ---------------------------------------------------------------------------------------
@@ -153,7 +158,8 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem;t
 
 
 def to_html(blocks: list[Block], title: str) -> str:
-    esc = html.escape
+    def esc(text: str) -> str:
+        return html.escape(visible(text))
     parts = []
     for block in blocks:
         kind = block[0]
@@ -169,7 +175,7 @@ def to_html(blocks: list[Block], title: str) -> str:
             head = "".join(f"<th>{esc(c)}</th>" for c in block[1])
             body = "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in block[2])
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{HTML_MARK}<title>{esc(title)}</title>'
             f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
@@ -194,3 +200,42 @@ def _render(data: dict, fmt: str) -> str:
     if fmt == "md":
         return to_markdown(blocks)
     return to_html(blocks, f"auditui session {data['session']['id']}: {data['session']['name']}")
+
+
+def _is_report(path: Path, fmt: str) -> bool:
+    """Whether an existing file is an earlier auditui export of format `fmt`."""
+    head = path.read_bytes()[:4096]
+    if head.startswith(SQLITE_HEADER):
+        return False
+    text = head.decode("utf-8", errors="replace")
+    if fmt == "md":
+        return text.startswith(MD_MARK)
+    if fmt == "html":
+        return HTML_MARK in text
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and JSON_KEYS <= set(data)
+
+
+def write_export(path: Path, text: str, fmt: str, database: Path) -> Path:
+    """Write a report to `path` through a temporary file and a rename. Never the session database,
+    never an SQLite file, and never over an existing file that is not an earlier export of `fmt`."""
+    path = Path(path).expanduser()
+    target = path.resolve()
+    db = Path(database).expanduser().resolve()
+    if target in {db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")}:
+        raise AuditError(f"{path} is the session database; write the report elsewhere")
+    if target.is_dir():
+        raise AuditError(f"{path} is a folder; give a file name")
+    if target.exists() and not _is_report(target, fmt):
+        raise AuditError(f"{path} exists and is not an earlier auditui {fmt} report; choose another name")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise AuditError(f"cannot write {path}: {exc.strerror}") from None
+    return target

@@ -8,6 +8,7 @@ and the digest of every SAE the walk could touch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,13 @@ class FlowRequest:
     def thresholds(self) -> Thresholds:
         return Thresholds(cut=self.t_res, module=self.t_module)
 
+    def validate(self) -> None:
+        if not self.feature:
+            raise AuditError("give a feature: LAYER/KIND/INDEX (e.g. 12/resid_post/1234)")
+        _finite(t_res=self.t_res, t_module=self.t_module)
+        if not 0 <= self.labels <= 64 or not 1 <= self.k <= 64:
+            raise AuditError(f"--labels must be 0..64 and --k 1..64 (got {self.labels}, {self.k})")
+
 
 @dataclass(frozen=True)
 class DeactivateRequest:
@@ -47,10 +55,20 @@ class DeactivateRequest:
     seed: int = 0
     chat: bool = False  # wrap the text in the chat template
 
+    def validate(self) -> None:
+        if not self.feature:
+            raise AuditError("give a feature: LAYER/KIND/INDEX (e.g. 12/resid_post/1234)")
+        _finite(r=self.r)
+
+
+def _finite(**values: float) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise AuditError(f"{name} must be a finite number, got {value}")
+
 
 def flow_graph(engine: Engine, request: FlowRequest) -> FlowGraph:
-    if not request.feature:
-        raise AuditError("give a feature: LAYER/KIND/INDEX (e.g. 12/resid_post/1234)")
+    request.validate()
     return build_flow_graph(engine, request.feature, k=request.k, direction=request.direction,
                             thresholds=request.thresholds(), label_tokens=request.labels,
                             build_tables=request.build_tables)
@@ -76,8 +94,7 @@ def record_flow(store: Store, engine: Engine, session_id: int, graph: FlowGraph)
 
 def deactivate(engine: Engine, request: DeactivateRequest) -> dict:
     """The deactivation test's result (see `auditui.engine.deactivation`)."""
-    if not request.feature:
-        raise AuditError("give a feature: LAYER/KIND/INDEX (e.g. 12/resid_post/1234)")
+    request.validate()
     ids = text_ids(engine.lm, request.text, chat=request.chat)
     return deactivation_test(engine, request.feature, ids, request.token, r=request.r, seed=request.seed)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ from typer.testing import CliRunner
 
 from auditui.cli import app
 from auditui.store import Store
+from auditui.text import visible
 
 runner = CliRunner()
 
@@ -84,8 +86,9 @@ def test_sample_label_and_report_on_a_tiny_model(tmp_path, tiny_models, tiny_pac
     assert [c["label"] for c in report["prompts"][0]["completions"][:2]] == ["positive", "negative"]
     assert "### Completion" in ok("report", "--db", db)
     ok("report", "--db", db, "--format", "md", "--out", tmp_path / "report.md")
-    md = (tmp_path / "report.md").read_bytes().decode()  # exactly, carriage returns included
-    assert all(c["text"] in md for c in first["completions"])
+    md = (tmp_path / "report.md").read_bytes().decode()
+    assert all(visible(c["text"]) in md for c in first["completions"])  # controls shown as \x.. escapes
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", md)
     human = ok(*args[:-1])
     assert "seed 11" in human and "\x1b" not in human
 

@@ -80,7 +80,7 @@ def test_markdown_report_keeps_model_text_literal(session):
     fenced = "`````text\n" + NASTY[2] + "\n`````"
     assert fenced in md
     assert "### Completion " + str(ids[0]) + ": positive" in md and "seed 41" in md
-    assert "| latent | score | token |" in md and "| 17 | 0.1235 | [/INST]\\|x |" in md
+    assert "| latent | score | token |" in md and "| 17 | 0.1235 | \\[/INST\\]\\|x |" in md  # no link syntax
     assert "flow (cancelled)" in md and "error: cancelled by the user" in md
     assert "- exact ablation matched to 1e-5" in md and "| #1 | #1 | #2 |" in md
 

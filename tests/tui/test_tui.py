@@ -13,11 +13,11 @@ from pathlib import Path
 
 from helpers import NASTY, SIZE, cells, wait_idle
 from platformdirs import user_data_dir
-from rich.control import strip_control_codes
 from textual.widgets import DataTable, Static
 
 from auditui.config import REPO_ROOT, config_file, load_settings
 from auditui.store import Store
+from auditui.text import visible
 from auditui.tui import themes
 from auditui.tui.app import AuditApp
 from auditui.tui.screens.dialogs import Help
@@ -78,7 +78,7 @@ async def test_sample_label_quit_and_reopen(tmp_path, tiny_models):
         await pilot.pause()
         table = app.screen.query_one("#completions", DataTable)
         assert [row[1] for row in cells(table)] == ["+", "+", "-", "-"]
-        shown = [strip_control_codes(" ".join(c["text"].split())[:200]) for c in comps]
+        shown = [" ".join(visible(c["text"]).split())[:200] for c in comps]  # controls as visible escapes
         assert [row[2] for row in cells(table)] == shown
 
 
@@ -230,7 +230,7 @@ async def test_export_errors_are_messages(tmp_path, tiny_models):
         await pilot.pause()
         assert app.is_running and isinstance(app.screen, SamplesScreen)
         errors = [n.message for n in app._notifications if n.severity == "error"]
-        assert len(errors) == 2 and errors[0].startswith("[Errno 21] Is a directory") and "no such table" in errors[1]
+        assert len(errors) == 2 and errors[0].endswith("is a folder; give a file name") and "no such table" in errors[1]
     assert "ünïcode ✓" in (tmp_path / f"s-session{session_id}.md").read_text(encoding="utf-8")
 
 

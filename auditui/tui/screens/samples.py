@@ -9,6 +9,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
 from auditui.errors import AuditError
+from auditui.text import visible
 from auditui.tui.guard import guarded
 from auditui.tui.screens.base import AuditScreen
 from auditui.tui.widgets.params import ParamRow, parse_number
@@ -23,7 +24,7 @@ def label_counts(labels: list[str]) -> str:
 
 
 def one_line(text: str, width: int = 200) -> Text:
-    flat = " ".join(text.split())
+    flat = " ".join(visible(text).split())
     return Text(flat[:width] + ("…" if len(flat) > width else ""))
 
 
@@ -37,6 +38,7 @@ class SamplesScreen(AuditScreen):
         Binding("0", "label('unlabelled')", "0 none", key_display="0"),
         Binding("a", "attribution", "Attribution"),
         Binding("f", "flow", "Flow"),
+        Binding("h", "heads", "Heads"),
         Binding("e", "export", "Export"),
         Binding("b", "app.pop_screen", "Sessions"),
     ]
@@ -66,7 +68,7 @@ class SamplesScreen(AuditScreen):
 
     @guarded
     def on_mount(self) -> None:
-        self.title = self.store.session(self.session_id)["name"]
+        self.title = " ".join(visible(self.store.session(self.session_id)["name"]).split())
         prompts = self.query_one("#prompts", DataTable)
         prompts.add_column("id")
         prompts.add_column("prompt", width=17)
@@ -110,7 +112,7 @@ class SamplesScreen(AuditScreen):
             table.move_cursor(row=min(row, table.row_count - 1))
             self.show_completion(self.selected_completion())
         else:
-            self.query_one("#detail", Static).update(Text(self.store.prompt(prompt_id)["text"]))
+            self.query_one("#detail", Static).update(Text(visible(self.store.prompt(prompt_id)["text"])))
 
     @staticmethod
     def _mark(label: str) -> Text:
@@ -128,7 +130,7 @@ class SamplesScreen(AuditScreen):
             return
         comp = self.store.completion(completion_id)
         header = f"#{comp['id']} · {comp['label']} · seed {comp['seed']} · {comp['finish_reason']}\n"
-        self.query_one("#detail", Static).update(Text(header, style="dim") + Text(comp["text"]))
+        self.query_one("#detail", Static).update(Text(header, style="dim") + Text(visible(comp["text"])))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.row_key.value is None:
@@ -203,6 +205,11 @@ class SamplesScreen(AuditScreen):
         from auditui.tui.screens.flow import FlowScreen
 
         self.app.push_screen(FlowScreen(self.session_id))
+
+    def action_heads(self) -> None:
+        from auditui.tui.screens.heads import HeadsScreen
+
+        self.app.push_screen(HeadsScreen(self.session_id))
 
     @guarded
     def action_export(self) -> None:

@@ -9,6 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Header, Static
 
+from auditui.text import one_line
 from auditui.tui.guard import guard_call, guarded
 from auditui.tui.screens.base import AuditScreen
 from auditui.tui.screens.dialogs import AskForm, Confirm
@@ -58,7 +59,7 @@ class SessionsScreen(AuditScreen):
         notice.update(Text(f"{self.store.path.name} · {len(rows)} sessions · n new · Enter open · F1 keys"))
         table.clear()
         for row in rows:
-            table.add_row(str(row["id"]), Text(row["name"]), when(row["updated"]), str(row["n_prompts"]),
+            table.add_row(str(row["id"]), Text(one_line(row["name"])), when(row["updated"]), str(row["n_prompts"]),
                           str(row["n_completions"]), str(row["n_runs"]), key=str(row["id"]))
         if select is not None and str(select) in table.rows:
             table.move_cursor(row=table.get_row_index(str(select)))
@@ -131,12 +132,11 @@ class SessionsScreen(AuditScreen):
 
 def export_reports(screen: AuditScreen, session_id: int) -> None:
     """Write the session's report as Markdown, HTML and JSON next to the database (call it guarded)."""
-    from auditui.store.reports import render_reports
+    from auditui.store.reports import render_reports, write_export
 
     store = screen.store
     written = []
     for fmt, text in render_reports(store, session_id).items():
         path = store.path.with_name(f"{store.path.stem}-session{session_id}.{fmt}")
-        path.write_text(text, encoding="utf-8")
-        written.append(path.name)
+        written.append(write_export(path, text, fmt, store.path).name)
     screen.notify(f"wrote {', '.join(written)} in {store.path.parent}", title="report", markup=False)
