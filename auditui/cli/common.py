@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from auditui.config import Settings, load_settings
+from auditui.text import visible
 
 if TYPE_CHECKING:
     from auditui.engine import Engine
@@ -69,15 +70,15 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
 def print_summary(summary: dict, headline: str | None = None) -> None:
     """A run summary (headline, table, notes) on the terminal; model text is never markup."""
     console = Console(highlight=False)
-    console.print(Text(summary.get("headline", "") if headline is None else headline, style="bold"))
+    console.print(Text(visible(summary.get("headline", "") if headline is None else headline), style="bold"))
     table = summary.get("table")
     if table:
-        grid = Table(*table["columns"], box=None)
+        grid = Table(*(Text(visible(str(c))) for c in table["columns"]), box=None)
         for row in table["rows"]:
-            grid.add_row(*(Text(str(cell)) for cell in row))
+            grid.add_row(*(Text(visible(str(cell))) for cell in row))
         console.print(grid)
     for note in summary.get("notes", []):
-        console.print(Text(f"note: {note}"))
+        console.print(Text(visible(f"note: {note}")))
 
 
 class Printer:

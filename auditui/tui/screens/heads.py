@@ -31,7 +31,7 @@ TERMS_SHOWN = 8
 
 
 def short(token: str, width: int = 8) -> str:
-    shown = repr(token)[1:-1]
+    shown = repr(token)[1:-1].replace(" ", "␣")  # escapes control characters; spaces made visible
     return shown if len(shown) <= width else shown[:width - 1] + "…"
 
 
