@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from auditui.config import Settings, load_settings
@@ -73,7 +73,7 @@ def print_summary(summary: dict, headline: str | None = None) -> None:
     console.print(Text(visible(summary.get("headline", "") if headline is None else headline), style="bold"))
     table = summary.get("table")
     if table:
-        grid = Table(*(Text(visible(str(c))) for c in table["columns"]), box=None)
+        grid = Table(*(Column(header=Text(visible(str(c)))) for c in table["columns"]), box=None)
         for row in table["rows"]:
             grid.add_row(*(Text(visible(str(cell))) for cell in row))
         console.print(grid)

@@ -64,9 +64,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from auditui.engine.interventions import Intervention, mean_projections
 from auditui.engine.labels import logit_lens_tokens
 from auditui.engine.reference import TokenSeq, batches, encode_rows, pad_batch, rows_per_chunk, span_mask
-from auditui.engine.sites import Edit, Positions, Site, SiteHooks
+from auditui.engine.sites import Positions, Site, SiteHooks
 from auditui.errors import AuditError
 from auditui.progress import QUIET, Progress, stop_if_asked
 
@@ -246,22 +247,12 @@ def delta_scores(engine: Engine, plan: PairPlan, sites: list[Site], means: dict[
 
 
 # -- exact check -------------------------------------------------------------------------------
-def mean_ablation(direction: Tensor, mean_proj: float, sel: Tensor) -> Edit:
-    """Edit a_t <- a_t + (ā·d - a_t·d) d at the positions sel [B, T] (d unit, float32)."""
-    def edit(h: Tensor, pos: Positions) -> Tensor:
-        chosen = sel[:, pos.start:pos.start + h.shape[1]]
-        shift = torch.where(chosen, mean_proj - h.float() @ direction, 0.0)  # [B, T]
-        return h + (shift[..., None] * direction).to(h.dtype)
-    return edit
-
-
 @torch.inference_mode()
 def exact_deltas(engine: Engine, plan: PairPlan, site: Site, latents: list[int], mean: Tensor,
                  positions: str = "prompt", batch_size: int = 8, progress: Progress = QUIET) -> list[float]:
     """Δ of exact_i (see module docstring) for each latent, in order; shorter when stopped."""
     lm = engine.lm
-    directions = engine.bank.decoder(site)[latents].to(lm.device)  # [n, width]
-    mean_projs = (directions @ mean.to(lm.device)).tolist()
+    mean_projs = mean_projections(engine.bank, site, latents, mean)  # ā·d_i per latent
     prepared = []
     for batch in batches(plan.seqs, batch_size):
         ids, mask = pad_batch(batch, lm.tokenizer.pad_token_id, lm.device)
@@ -269,12 +260,13 @@ def exact_deltas(engine: Engine, plan: PairPlan, site: Site, latents: list[int],
         per_position = plan.batch_weights(batch, lm.device) / sel.sum(1).clamp_min(1)
         prepared.append((batch, ids, mask, sel, per_position, completion_nll(lm, ids, mask, batch)))
     out: list[float] = []
-    for j, (direction, mean_proj) in enumerate(zip(directions, mean_projs, strict=True)):
+    for j, (latent, mean_proj) in enumerate(zip(latents, mean_projs, strict=True)):
         if progress.should_stop():
             break
         total = 0.0
         for batch, ids, mask, sel, per_position, base in prepared:
-            with SiteHooks(lm.model, edits={site: mean_ablation(direction, mean_proj, sel)}):
+            ablate = Intervention(site, (latent,), "mean_ablate", 1.0, positions=sel, baseline=(mean_proj,))
+            with SiteHooks(lm.model, edits={site: ablate.edit(engine.bank)}):
                 total += float(per_position @ (completion_nll(lm, ids, mask, batch) - base))
         out.append(total)
         progress.progress(j + 1, len(latents), f"exact check {site}")

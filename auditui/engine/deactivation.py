@@ -48,7 +48,6 @@ import random
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
 
 from auditui.engine.flow import (
     MODULE_NAMES,
@@ -62,10 +61,10 @@ from auditui.engine.flow import (
     group_record,
     latent_activations,
 )
-from auditui.engine.sites import Edit, Positions
+from auditui.engine.interventions import Intervention
+from auditui.engine.sites import Site
 
 if TYPE_CHECKING:
-    from sae_lens import SAE
 
     from auditui.engine import Engine
 
@@ -73,32 +72,11 @@ METHODS = ("top1", "top5", "random")
 TOP_K = 5
 
 
-def _dense(codes: Tensor) -> Tensor:
-    return codes.to_dense() if codes.is_sparse else codes
-
-
-def contribution(sae: SAE, x: Tensor, latents: list[int]) -> Tensor:
-    """c_S [n, width]: the part of the SAE reconstruction of x [n, width] carried by `latents`."""
-    with torch.no_grad():
-        full = sae.decode(_dense(sae.encode(x)))
-        codes = _dense(sae.encode(x)).clone()  # encode again: normalising SAEs pair each encode/decode
-        codes[:, latents] = 0
-        return full - sae.decode(codes)
-
-
-def rescale_edit(sae: SAE, latent_sets: list[list[int]], token: int, r: float) -> Edit:
-    """A SiteHooks edit: batch row b rescales latents `latent_sets[b]` by r at absolute token `token`."""
-    def edit(h: Tensor, pos: Positions) -> Tensor:
-        t = token - pos.start
-        if not 0 <= t < h.shape[1] or not any(latent_sets):
-            return h
-        h = h.clone()
-        for b, latents in enumerate(latent_sets):
-            if latents:
-                x = h[b, t].float().unsqueeze(0).to(sae.W_dec.device)  # [1, width]
-                h[b, t] += ((r - 1.0) * contribution(sae, x, latents)[0]).to(h.device, h.dtype)
-        return h
-    return edit
+def rescale(site: Site, latent_sets: list[list[int]], token: int, r: float) -> Intervention:
+    """Batch row b rescales latents `latent_sets[b]` by r at absolute token `token` (the others by 1)."""
+    latents = sorted({j for chosen in latent_sets for j in chosen})
+    strength = [[r if j in chosen else 1.0 for j in latents] for chosen in latent_sets]  # [rows, k]
+    return Intervention(site, tuple(latents), "rescale", strength, positions={token})
 
 
 def pick(matches: list[Match], method: str, rng: random.Random) -> list[Match]:
@@ -139,8 +117,8 @@ def deactivation_test(engine: Engine, target: Feature | str, ids: list[int], tok
         if len(active) >= 2:
             variants.append((method, "group", [x for m in active for x in picks[m]]))
     sites = {x.feature.site for _, _, chosen in variants for x in chosen}
-    edits = {site: rescale_edit(bank.sae(site), [[x.feature.latent for x in chosen if x.feature.site == site]
-                                                 for _, _, chosen in variants], pos, r) for site in sites}
+    edits = {site: rescale(site, [[x.feature.latent for x in chosen if x.feature.site == site]
+                                  for _, _, chosen in variants], pos, r).edit(bank) for site in sites}
     edited = forward_sites(lm, batch.repeat(len(variants), 1), {feature.site}, edits)
     z_new = latent_activations(bank, edited, pos, [feature])[feature].tolist()  # [n_variants]
     for (method, name, chosen), z in zip(variants, z_new, strict=True):

@@ -17,23 +17,20 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers import (
-    GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
-    StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
 
 from auditui.engine.model import LoadedModel
-from auditui.engine.sites import Edit, Site, SiteHooks
+from auditui.engine.sites import Edit, Site
 from auditui.errors import AuditError
 from auditui.progress import QUIET, Progress
 
@@ -147,26 +144,6 @@ def _finish(row: list[int], eos: set[int], max_new_tokens: int) -> tuple[list[in
     return row, "length" if len(row) >= max_new_tokens else "cancelled"
 
 
-def _generate_batch(lm: LoadedModel, prompt_ids: list[int], seeds: list[int], params: SamplingParams,
-                    monitor: _Monitor, edits: Mapping[Site, Edit | list[Edit]] | None) -> list[Sample]:
-    eos = eos_ids(lm)
-    input_ids = torch.tensor([prompt_ids] * len(seeds), device=lm.device)  # [batch, prompt_len]
-    # Greedy search (its warpers are off) with the processors that apply even then pinned to neutral,
-    # so the model's own generation defaults (repetition penalty ...) never change what is sampled.
-    config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=1,
-                              repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0, min_new_tokens=0,
-                              use_cache=True, eos_token_id=eos, pad_token_id=lm.tokenizer.pad_token_id)
-    with SiteHooks(lm.model, edits=edits) if edits else nullcontext():
-        out = lm.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
-                                logits_processor=sampling_processors(params, seeds, lm.device),
-                                stopping_criteria=StoppingCriteriaList([monitor]))  # [batch, prompt_len + new]
-    samples = []
-    for row, seed in zip(out[:, len(prompt_ids):].tolist(), seeds):
-        tokens, reason = _finish(row, set(eos), params.max_new_tokens)
-        samples.append(Sample(text=lm.tokenizer.decode(tokens), token_ids=tokens, seed=seed, finish_reason=reason))
-    return samples
-
-
 def iter_sample_batches(lm: LoadedModel, prompt_ids: list[int], n: int, params: SamplingParams, seed: int,
                         batch_size: int = 8, progress: Progress = QUIET,
                         edits: Mapping[Site, Edit | list[Edit]] | None = None) -> Iterator[list[Sample]]:
@@ -175,14 +152,16 @@ def iter_sample_batches(lm: LoadedModel, prompt_ids: list[int], n: int, params: 
     A batch interrupted by `progress.should_stop()` is yielded with finish_reason "cancelled" on its
     unfinished rows.
     """
+    from auditui.engine.generation import generate_rows  # generation builds on this module's pieces
+
     check_request(lm, prompt_ids, n, params, seed, batch_size)
     total = n * params.max_new_tokens
     for start in range(0, n, batch_size):
         if progress.should_stop():
             return
         seeds = [seed + i for i in range(start, min(n, start + batch_size))]
-        monitor = _Monitor(start * params.max_new_tokens, len(seeds), total, progress)
-        batch = _generate_batch(lm, prompt_ids, seeds, params, monitor, edits)
+        batch = generate_rows(lm, [prompt_ids] * len(seeds), seeds, params, edits, progress,
+                              start * params.max_new_tokens, total)
         yield batch
         if any(sample.finish_reason == "cancelled" for sample in batch):
             return

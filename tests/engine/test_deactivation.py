@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from auditui.engine import Engine
-from auditui.engine.deactivation import deactivation_summary, deactivation_test, rescale_edit
+from auditui.engine.deactivation import deactivation_summary, deactivation_test, rescale
 from auditui.engine.flow import text_ids
 from auditui.engine.model import load_model
 from auditui.engine.saes import SAEBank, write_pack_manifest
@@ -33,12 +33,14 @@ def run(lm, ids: list[int], reads: list[Site], edits: dict | None = None) -> dic
     return hooks.acts
 
 
-def test_rescale_edit_equals_a_hand_edited_hidden_state(loaded):
+def test_rescale_edit_equals_a_hand_edited_hidden_state(loaded, tmp_path):
     lm = loaded("llama")
     site, later = Site(1, "resid_post"), Site(2, "resid_post")
     sae = build_tiny_sae("standard", lm.d_model, 96, site.hook_name, seed=11)
     with torch.no_grad():  # decoder rows of norm 0.5..3: the edit must use a * W_dec[j], not a * unit row
         sae.W_dec.mul_(torch.linspace(0.5, 3.0, 96).unsqueeze(1))
+    sae.save_model(tmp_path / "sae")
+    bank = SAEBank.from_specs([str(tmp_path / "sae")], tmp_path)
     p = numpy_params(sae)
     ids = text_ids(lm, TEXT)
     pos = 6
@@ -50,14 +52,14 @@ def test_rescale_edit_equals_a_hand_edited_hidden_state(loaded):
     for r in (0.0, 2.5):
         hand = h.copy()
         hand[pos] += (r - 1.0) * (a[latents] @ p["W_dec"][latents])
-        edited = run(lm, ids, [site, later], {site: rescale_edit(sae, [latents], pos, r)})
+        edited = run(lm, ids, [site, later], {site: rescale(site, [latents], pos, r).edit(bank)})
         np.testing.assert_allclose(edited[site][0].numpy(), hand, atol=1e-4)
         assert not np.allclose(edited[site][0].numpy()[pos], h[pos], atol=1e-2)
         hand_tensor = torch.tensor(hand, dtype=torch.float32).unsqueeze(0)
         reference = run(lm, ids, [later], {site: lambda _h, _pos, t=hand_tensor: t})
         torch.testing.assert_close(edited[later], reference[later], atol=1e-4, rtol=1e-4)
     # r = 1 is a no-op
-    same = run(lm, ids, [site], {site: rescale_edit(sae, [latents], pos, 1.0)})
+    same = run(lm, ids, [site], {site: rescale(site, [latents], pos, 1.0).edit(bank)})
     torch.testing.assert_close(same[site], clean[site], atol=1e-5, rtol=1e-5)
 
 

@@ -42,6 +42,7 @@ class AttributionScreen(StepScreen):
         Binding("v", "view", "Where it fires"),
         Binding("f", "flow", "Flow"),
         Binding("s", "steer", "Steer set +"),
+        Binding("t", "steering", "Steer top 10"),
         Binding("b", "app.pop_screen", "Back"),
     ]
 
@@ -188,6 +189,16 @@ class AttributionScreen(StepScreen):
         from auditui.tui.screens.flow import FlowScreen
 
         self.app.push_screen(FlowScreen(self.session_id, f"{row['site']}/{row['latent']}"))
+
+    def action_steering(self) -> None:
+        """The Steering screen on this run's top 10 latents, steered away (rescale r = 0)."""
+        if self.run is None:
+            return
+        from auditui.tui.screens.steering import SteeringScreen
+        from auditui.workflows.steer import PlanSource
+
+        self.app.push_screen(SteeringScreen(self.session_id, PlanSource(attribution_run=self.run["id"]),
+                                            op="rescale", coefficient="0"))
 
     @guarded
     def action_steer(self) -> None:

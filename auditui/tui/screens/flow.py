@@ -39,6 +39,7 @@ class FlowScreen(StepScreen):
         Binding("d", "direction", "Direction"),
         Binding("x", "deactivate", "Deactivate"),
         Binding("s", "steer", "Steer set +"),
+        Binding("t", "steering", "Steer graph"),
         Binding("e", "export", "Export"),
         Binding("b", "app.pop_screen", "Back"),
     ]
@@ -128,6 +129,16 @@ class FlowScreen(StepScreen):
         field = self.query_one("#param-dir")
         field.value = DIRECTIONS[(DIRECTIONS.index(field.value) + 1) % 3] if field.value in DIRECTIONS else "both"
         self.action_build()
+
+    def action_steering(self) -> None:
+        """The Steering screen on the latest graph of this session (appendix-B cuts)."""
+        runs = self.store.runs(self.session_id, "flow")
+        if not runs or self.graph is None:
+            return
+        from auditui.tui.screens.steering import SteeringScreen
+        from auditui.workflows.steer import PlanSource
+
+        self.app.push_screen(SteeringScreen(self.session_id, PlanSource(flow_run=runs[-1]["id"])))
 
     @guarded
     def action_steer(self) -> None:

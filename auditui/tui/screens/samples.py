@@ -39,6 +39,7 @@ class SamplesScreen(AuditScreen):
         Binding("a", "attribution", "Attribution"),
         Binding("f", "flow", "Flow"),
         Binding("h", "heads", "Heads"),
+        Binding("t", "steering", "Steer the set"),
         Binding("e", "export", "Export"),
         Binding("b", "app.pop_screen", "Sessions"),
     ]
@@ -205,6 +206,11 @@ class SamplesScreen(AuditScreen):
         from auditui.tui.screens.flow import FlowScreen
 
         self.app.push_screen(FlowScreen(self.session_id))
+
+    def action_steering(self) -> None:
+        from auditui.tui.screens.steering import SteeringScreen
+
+        self.app.push_screen(SteeringScreen(self.session_id))
 
     def action_heads(self) -> None:
         from auditui.tui.screens.heads import HeadsScreen

@@ -1,0 +1,71 @@
+"""Slow tier: steering a real latent on SmolLM2 has a real, monotone effect (no judge needed).
+
+The latent of 12/resid_post (demo pack, else the --quick pack) whose logit-lens tokens form the
+largest word family (tokens sharing their first four letters) is added with folded coefficients
+s in {0, 2, 4, 8}; the share of generated tokens from that family must rise with s.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from auditui.config import load_settings
+from auditui.engine.labels import logit_lens_tokens
+from auditui.engine.reference import TokenSeq, read_sites
+from auditui.engine.saes import SAEBank, resolve_pack_dir
+from auditui.engine.sampling import SamplingParams
+from auditui.engine.sites import Site
+from auditui.engine.steering import parse_plan, steered_samples, typical_activations
+from auditui.errors import AuditError
+
+PROMPTS = ["Tell me about your day.", "Write a short note to a friend.", "What should I cook tonight?"]
+STRENGTHS = [0.0, 2.0, 4.0, 8.0]
+
+
+def _family(tokens: list[str]) -> set[str]:
+    words = [t.strip().lower() for t in tokens if len(t.strip()) >= 4 and t.strip().isalpha()]
+    if not words:
+        return set()
+    stems = {w[:4] for w in words}
+    best = max(stems, key=lambda stem: sum(w.startswith(stem) for w in words))
+    return {w for w in words if w.startswith(best)}
+
+
+@pytest.mark.slow
+def test_smollm2_adding_a_word_family_latent_raises_its_frequency_monotonically(smollm2):
+    cache = load_settings().cache_path
+    pack = None
+    for name in ("demo", "quick"):
+        try:
+            pack = resolve_pack_dir(name, cache)
+            break
+        except AuditError:
+            continue
+    assert pack is not None, "build a pack first: auditui pack build demo (or: pack build quick --quick)"
+    site = Site(12, "resid_post")
+    bank = SAEBank.from_specs([str(pack)], cache, device=smollm2.device, model=smollm2.model).attach(smollm2)
+    lens = logit_lens_tokens(smollm2, bank.output_decoder(site), k=12)
+    families = [_family(tokens) for tokens in lens]
+    latent = max(range(len(families)), key=lambda i: len(families[i]))
+    family = families[latent]
+    assert len(family) >= 2, "no latent with a word family"
+    seqs = [TokenSeq(tuple(ids), len(ids)) for ids in (smollm2.prompt_ids(p) for p in PROMPTS)]
+    acts = torch.cat([a[site][b, 1:len(s)] for batch, _, a in read_sites(smollm2, seqs, [site])
+                      for b, s in enumerate(batch)])
+    typical = {site: typical_activations(bank, site, acts)}
+    plan = parse_plan(f"{site}/{latent}:add:1", fold=True, scope="generated")
+    shares = []
+    for prompt in PROMPTS:
+        run = steered_samples(smollm2, bank, smollm2.prompt_ids(prompt), plan, STRENGTHS, 4,
+                              SamplingParams(temperature=0.7, max_new_tokens=24), seed=0, typical=typical)
+        shares.append([_share(smollm2, run.group(s), family) for s in STRENGTHS])
+    mean = [sum(col) / len(col) for col in zip(*shares)]
+    print(f"\nlatent {site}/{latent} family {sorted(family)} (pack {pack.name}); share of family tokens "
+          + ", ".join(f"s={s:g}: {m:.3f}" for s, m in zip(STRENGTHS, mean)))
+    assert all(a <= b for a, b in zip(mean, mean[1:])) and mean[-1] > mean[0]
+
+
+def _share(lm, samples, family: set[str]) -> float:
+    tokens = [lm.tokenizer.decode([t]).strip().lower() for s in samples for t in s.token_ids]
+    return sum(any(t.startswith(w[:4]) for w in family) and len(t) >= 4 for t in tokens) / max(1, len(tokens))
