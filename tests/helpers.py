@@ -61,6 +61,21 @@ class Probe:
         return bool(self.stop(self.events))
 
 
+class Stages:
+    """A pack build's Progress recording (stage, done, total); `stop(stage, done, total)` may raise."""
+
+    def __init__(self, stop=lambda stage, done, total: None):
+        self.events: list[tuple] = []
+        self.stop = stop
+
+    def progress(self, done: float, total: float, message: str = "") -> None:
+        self.events.append((message, done, total))
+        self.stop(message, done, total)
+
+    def should_stop(self) -> bool:
+        return False
+
+
 def attribution(engine, store, session_id: int, sites, progress=None, **request) -> int:
     """`workflows.attribute.attribute` with the request's fields as keywords; the run id."""
     from auditui.progress import QUIET

@@ -22,17 +22,23 @@ app.add_typer(pack_app, name="pack")
 NameArg = Annotated[str, typer.Argument(help="pack name (demo = the offline SmolLM2 pack)")]
 
 
-def _bar():
-    """A progress callback drawing one rich bar per stage on stderr."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class StageBars:
+    """The build's Progress: one rich bar per stage on stderr (a line every 30 s in a log file)."""
 
-    console = Console(stderr=True)
-    bars = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
-    tasks: dict[str, int] = {}
-    logged: dict[str, float] = {}
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    def progress(stage: str, done: int, total: int) -> None:
+        self.console = Console(stderr=True)
+        self.bars = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=self.console, transient=False)
+        self.tasks: dict[str, int] = {}
+        self.logged: dict[str, float] = {}
+
+    def should_stop(self) -> bool:
+        return False
+
+    def progress(self, done: float, total: float, stage: str = "") -> None:
+        bars, console, tasks, logged = self.bars, self.console, self.tasks, self.logged
         if total == 0:
             bars.console.print(f"... {stage}", markup=False, highlight=False)
             return
@@ -42,7 +48,6 @@ def _bar():
         if stage not in tasks:
             tasks[stage] = bars.add_task(stage, total=total)
         bars.update(tasks[stage], completed=done, total=total)
-    return bars, progress
 
 
 @pack_app.command("build")
@@ -70,8 +75,8 @@ def build(name: NameArg = DEFAULT_PACK, model: ModelOpt = None, device: DeviceOp
         raise AuditError("need 1 <= --batch <= --tokens and 1 <= --k <= --width")
     if 0 < plan.build_minutes <= plan.eval_minutes:
         raise AuditError(f"--minutes must be 0 (no limit) or more than the {plan.eval_minutes:g} min kept for evaluation")
-    bars, progress = _bar()
-    with bars:
+    progress = StageBars()
+    with progress.bars:
         path = build_pack(plan, settings.cache_path, settings.device, settings.dtype, progress, force=force)
     emit(pack_info_data(str(path), settings.cache_path), as_json, _print_info)
 

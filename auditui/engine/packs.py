@@ -28,7 +28,6 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,9 +41,9 @@ from auditui.engine.sae_training import TopKTrainer, TrainConfig, norm_scale
 from auditui.engine.saes import MANIFEST, PackInfo, check_pack_name, packs_root, read_pack, write_pack_manifest
 from auditui.engine.sites import Edit, Positions, Site, SiteHooks, _first_tensor
 from auditui.errors import AuditError
+from auditui.progress import QUIET, Progress
 
 # (stage, done, total): stages are "corpus", "train", "save", "evaluate"; messages use total 0.
-BuildProgress = Callable[[str, int, int], None]
 LAYER_KINDS = ("resid_post", "attn_out", "mlp_out")
 PARTIAL_SUFFIX = ".partial"
 
@@ -162,12 +161,12 @@ def is_complete(pack_dir: Path) -> bool:
 
 # -- corpus -----------------------------------------------------------------------------------
 def prepare_corpus(work: WorkDir, plan: BuildPlan, lm: LoadedModel, sources: tuple[Source, ...],
-                   download_dir: Path, progress: BuildProgress) -> TokenCorpus:
+                   download_dir: Path, progress: Progress) -> TokenCorpus:
     if work.corpus.exists():
         return TokenCorpus(**torch.load(work.corpus))
     texts = []
     for i, source in enumerate(sources):
-        progress("corpus", i, len(sources))
+        progress.progress(i, len(sources), "corpus")
         texts.append(load_source(source, download_dir))
     # Enough windows for the token budget after dropping each window's sink position (and a few
     # more sinks inside windows).
@@ -175,7 +174,7 @@ def prepare_corpus(work: WorkDir, plan: BuildPlan, lm: LoadedModel, sources: tup
     corpus = token_sequences(lm.tokenizer, texts, n_train, plan.held_out_tokens, plan.seq_len,
                              plan.chat_fraction, plan.seed)
     save_atomic(corpus.__dict__, work.corpus)
-    progress("corpus", len(sources), len(sources))
+    progress.progress(len(sources), len(sources), "corpus")
     return corpus
 
 
@@ -268,13 +267,13 @@ def fit_budget(state: TrainState, plan: BuildPlan, available: int) -> None:
 
 
 def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCorpus, sites: list[Site],
-               progress: BuildProgress, checkpoint_seconds: float = 600.0, budget_seconds: float = 0.0) -> TrainState:
+               progress: Progress, checkpoint_seconds: float = 600.0, budget_seconds: float = 0.0) -> TrainState:
     """Stream the training windows through the model once; every site's trainer steps on its tokens.
     `budget_seconds` (> 0) bounds the wall-clock training time, resumed runs included."""
     state = load_checkpoint(work, sites, lm.device)
     state.budget_seconds = state.budget_seconds or budget_seconds  # a resumed build keeps its first budget
     if state.trainers:
-        progress(f"resuming training at {state.tokens:,} of {state.total_tokens:,} tokens", 0, 0)
+        progress.progress(0, 0, f"resuming training at {state.tokens:,} of {state.total_tokens:,} tokens")
     state.total_tokens = state.total_tokens or plan.train_tokens
     windows = corpus.train
     last_save = time.perf_counter()
@@ -295,7 +294,7 @@ def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCor
         if state.tokens >= 4 * plan.batch_tokens:
             # Refit all along: steps slow down as AuxK picks up dead latents, checkpoints cost time.
             fit_budget(state, plan, available=int(0.98 * windows.numel()))
-        progress("train", min(state.tokens, state.total_tokens), state.total_tokens)
+        progress.progress(min(state.tokens, state.total_tokens), state.total_tokens, "train")
     if not state.trainers:
         raise AuditError(f"the corpus gave fewer than {plan.batch_tokens} training tokens")
     return state
@@ -409,7 +408,7 @@ def _replace_with(value: Tensor, mask: Tensor) -> Edit:
 
 
 def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, plan: BuildPlan,
-                  progress: BuildProgress) -> dict[Site, dict]:
+                  progress: Progress) -> dict[Site, dict]:
     """Variance explained, L0 and dead fraction on held-out windows; then the LM loss on
     `plan.ce_sequences` windows with each SAE spliced in vs clean vs its site mean-ablated."""
     sites = sorted(saes)
@@ -424,7 +423,7 @@ def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, p
                 x = acts[site][mask].float()
                 z = saes[site].encode(x)
                 stats[site].add(x, z, saes[site].decode(z))
-        progress("evaluate", b + 1, n_batches + len(sites))
+        progress.progress(b + 1, n_batches + len(sites), "evaluate")
     quality = {site: stats[site].summary() for site in sites}
     ids = held_out[:plan.ce_sequences]
     replay = LayerReplay(lm)
@@ -442,7 +441,7 @@ def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, p
         recovered = (ablated - spliced) / (ablated - clean) if ablated - clean > 1e-6 else float("nan")
         quality[site].update({"loss_clean": round(clean, 4), "loss_spliced": round(spliced, 4),
                               "loss_ablated": round(ablated, 4), "ce_recovered": round(recovered, 4)})
-        progress("evaluate", n_batches + i + 1, n_batches + len(sites))
+        progress.progress(n_batches + i + 1, n_batches + len(sites), "evaluate")
     return quality
 
 
@@ -480,24 +479,12 @@ def partial_dir(cache_dir: Path, name: str) -> Path:
     return packs_root(cache_dir) / f".{name}{PARTIAL_SUFFIX}"
 
 
-class _StageLines:
-    """The model loader's Progress as lines of the build's stage callback."""
-
-    def __init__(self, say: BuildProgress):
-        self.say = say
-
-    def progress(self, done: float, total: float, message: str = "") -> None:
-        self.say(message, 0, 0)
-
-    def should_stop(self) -> bool:
-        return False
-
-
 def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: str = "auto",
-               progress: BuildProgress | None = None, sources: tuple[Source, ...] = DEFAULT_SOURCES,
+               progress: Progress = QUIET, sources: tuple[Source, ...] = DEFAULT_SOURCES,
                force: bool = False, lm: LoadedModel | None = None, checkpoint_seconds: float = 600.0) -> Path:
     """Build (or resume) pack `plan.name` under `<cache>/packs/`; returns the pack directory."""
-    say = progress or (lambda stage, done, total: None)
+    def say(message: str, done: int = 0, total: int = 0) -> None:
+        progress.progress(done, total, message)
     final = packs_root(cache_dir) / check_pack_name(plan.name)
     if is_complete(final) and not force:
         say(f"pack {plan.name} is already built at {final}", 0, 0)
@@ -507,12 +494,12 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
     key = plan.key(sources)
     if work.prepare(key):
         say(f"resuming the interrupted build in {work.path}", 0, 0)
-    lm = lm or load_model(plan.model, device, dtype, cache_dir, progress=_StageLines(say))
+    lm = lm or load_model(plan.model, device, dtype, cache_dir, progress=progress)
     layers = plan.layers or tuple(range(lm.n_layers))
     if layers[-1] >= lm.n_layers:
         raise AuditError(f"layers {layers[0]}-{layers[-1]} are outside {lm.model_id}'s 0-{lm.n_layers - 1}")
     sites = pack_sites(layers)
-    corpus = prepare_corpus(work, plan, lm, sources, cache_dir / "corpus", say)
+    corpus = prepare_corpus(work, plan, lm, sources, cache_dir / "corpus", progress)
     budget = 0.0
     if plan.build_minutes > 0 and lm.device.type == "cpu":  # a GPU build is fast: no budget
         left = 60 * (plan.build_minutes - plan.eval_minutes) - (time.perf_counter() - started)
@@ -520,12 +507,12 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
             say(f"warning: only {max(left, 0):.0f} s of the {plan.build_minutes:g} min budget are left for "
                 "training; the SAEs will be undertrained (raise --minutes)", 0, 0)
         budget = max(1.0, left)
-    state = train_saes(work, plan, lm, corpus, sites, say, checkpoint_seconds, budget)
+    state = train_saes(work, plan, lm, corpus, sites, progress, checkpoint_seconds, budget)
     say("train", state.total_tokens, state.total_tokens)
     saved = save_saes(work, state, lm)
     say("save", len(saved), len(saved))
     train_seconds = state.seconds
-    quality = evaluate_saes(lm, load_saved(saved, lm.device), corpus.held_out, plan, say)
+    quality = evaluate_saes(lm, load_saved(saved, lm.device), corpus.held_out, plan, progress)
     trained = state.tokens
     for site, trainer in state.trainers.items():
         quality[site].update({"k": trainer.cfg.k, "train_tokens": trainer.tokens,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_SOURCES, tiny_plan
+from helpers import TINY_SOURCES, Stages, tiny_plan
 from typer.testing import CliRunner
 
 from auditui.cli import app
@@ -153,9 +153,10 @@ def test_valid_tokens_drop_position_zero_and_sinks():
 def built(tiny_models, tmp_path_factory):
     """A tiny pack built once: (cache_dir, pack dir, progress events)."""
     cache = tmp_path_factory.mktemp("pack-cache")
-    events: list[tuple] = []
+    stages = Stages()
+    events = stages.events
     path = build_pack(tiny_plan(model=str(tiny_models["llama"])), cache, "cpu", "float32",
-                      progress=lambda *e: events.append(e), sources=TINY_SOURCES)
+                      progress=stages, sources=TINY_SOURCES)
     return cache, path, events
 
 
@@ -245,14 +246,15 @@ def test_interrupted_build_never_loads_and_resumes(tiny_models, tmp_path):
         if stage == "train" and done >= 1536:
             raise Stop
     with pytest.raises(Stop):
-        build_pack(plan, cache, "cpu", "float32", progress=stop_midway, sources=TINY_SOURCES, checkpoint_seconds=0)
+        build_pack(plan, cache, "cpu", "float32", progress=Stages(stop_midway), sources=TINY_SOURCES, checkpoint_seconds=0)
     with pytest.raises(AuditError, match="no SAE pack"):
         SAEBank.from_specs(["halfway"], cache)
     assert list_packs(cache) == [{"name": "halfway", "path": str(partial_dir(cache, "halfway")),
                                   "status": "partial", "resumable": True,
                                   "bytes": list_packs(cache)[0]["bytes"]}]
-    events: list[tuple] = []
-    path = build_pack(plan, cache, "cpu", "float32", progress=lambda *e: events.append(e), sources=TINY_SOURCES)
+    stages = Stages()
+    events = stages.events
+    path = build_pack(plan, cache, "cpu", "float32", progress=stages, sources=TINY_SOURCES)
     messages = [e[0] for e in events if e[2] == 0]
     assert any(m.startswith("resuming the interrupted build") for m in messages)
     assert any(m.startswith("resuming training at 1,536") for m in messages)
@@ -268,9 +270,10 @@ def test_a_changed_plan_restarts_the_work_folder(tiny_models, tmp_path):
     work.mkdir(parents=True)
     (work / "plan.key").write_text("another plan")
     (work / "checkpoint.pt").write_text("stale")
-    events: list[tuple] = []
+    stages = Stages()
+    events = stages.events
     build_pack(tiny_plan(model=str(tiny_models["llama"]), layers=(2,), train_tokens=1024), cache, "cpu", "float32",
-               progress=lambda *e: events.append(e), sources=TINY_SOURCES)
+               progress=stages, sources=TINY_SOURCES)
     assert not any(str(e[0]).startswith("resuming") for e in events)
     assert SAEBank.from_specs(["tiny"], cache).sites == [Site(2, "attn_out"), Site(2, "mlp_out"),
                                                          Site(2, "resid_post")]
@@ -279,8 +282,9 @@ def test_a_changed_plan_restarts_the_work_folder(tiny_models, tmp_path):
 def test_time_budget_lowers_the_token_target(tiny_models, tmp_path):
     plan = tiny_plan("budget", model=str(tiny_models["llama"]), layers=(0,), train_tokens=50_000,
                      build_minutes=0.0005, eval_minutes=0)
-    events: list[tuple] = []
-    path = build_pack(plan, tmp_path, "cpu", "float32", progress=lambda *e: events.append(e), sources=TINY_SOURCES)
+    stages = Stages()
+    events = stages.events
+    path = build_pack(plan, tmp_path, "cpu", "float32", progress=stages, sources=TINY_SOURCES)
     training = json.loads((path / "pack.json").read_text())["training"]
     assert 4 * 512 <= training["tokens_per_sae"] < 50_000
     assert training["budget_seconds"] == 1.0 and training["train_seconds"] < 10

@@ -7,10 +7,12 @@ s in {0, 2, 4, 8}; the share of generated tokens from that family must rise with
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from platformdirs import user_cache_dir
 
-from auditui.config import load_settings
 from auditui.engine.labels import logit_lens_tokens
 from auditui.engine.reference import TokenSeq, read_sites
 from auditui.engine.saes import SAEBank, resolve_pack_dir
@@ -34,7 +36,7 @@ def _family(tokens: list[str]) -> set[str]:
 
 @pytest.mark.slow
 def test_smollm2_adding_a_word_family_latent_raises_its_frequency_monotonically(smollm2):
-    cache = load_settings().cache_path
+    cache = Path(user_cache_dir("auditui"))  # the user's real cache (tests otherwise get an empty one)
     pack = None
     for name in ("demo", "quick"):
         try:

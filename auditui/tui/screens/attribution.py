@@ -204,5 +204,7 @@ class AttributionScreen(StepScreen):
     def action_steer(self) -> None:
         row = self.current()
         if row is not None:
-            self.store.add_feature(self.session_id, row["site"], row["latent"], source="attribution")
+            digest = (self.run or {}).get("params", {}).get("saes", {}).get(row["site"], "")
+            self.store.add_feature(self.session_id, row["site"], row["latent"], source="attribution",
+                                   sae_digest=digest)
             self.notify(f"{row['site']}/{row['latent']} added to the steering set", timeout=3)
