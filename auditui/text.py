@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from auditui.errors import AuditError
+
 _HIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _MARKDOWN = re.compile(r"([\\`*_\[\]<>|~])")  # inline syntax: emphasis, code, links, raw HTML, tables
 _BLOCK_START = re.compile(r"^(\s*)(#{1,6}(?=\s|$)|[-+](?=\s|$)|>|\d+[.)](?=\s|$))")  # heading, list, quote
@@ -19,6 +21,14 @@ _BLOCK_START = re.compile(r"^(\s*)(#{1,6}(?=\s|$)|[-+](?=\s|$)|>|\d+[.)](?=\s|$)
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def check_text(text: str, what: str) -> str:
+    """Refuse text that is not valid Unicode (e.g. undecodable bytes on the command line)."""
+    bad = re.search("[\ud800-\udfff]", text)
+    if bad:
+        raise AuditError(f"{what} is not valid UTF-8 text (an undecodable byte at character {bad.start()})")
+    return text
 
 
 def visible(text: str) -> str:

@@ -134,7 +134,7 @@ def sample(prompt: Annotated[str, typer.Option("--prompt", help="the user prompt
     from auditui.engine.model import load_model
     from auditui.engine.sampling import SamplingParams, check_counts, random_seed
     from auditui.workflows.engine import pack_label
-    from auditui.workflows.sample import SampleRequest
+    from auditui.workflows.sample import SampleRequest, check_sample_count
     from auditui.workflows.sample import sample as sample_workflow
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
@@ -142,6 +142,7 @@ def sample(prompt: Annotated[str, typer.Option("--prompt", help="the user prompt
                             chat=False if raw else None, system=system)
     seed = random_seed() if seed is None else seed
     check_counts(n, seed, batch_size)
+    check_sample_count(n, batch_size)
     with open_store(db) as store:
         session_id = store.resolve_session(session)
         printer = Printer()

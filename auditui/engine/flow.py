@@ -606,6 +606,8 @@ def text_ids(lm: LoadedModel, text: str, chat: bool = False) -> list[int]:
     ids = lm.prompt_ids(text, chat=chat)
     if not ids:
         raise AuditError("the text has no tokens")
+    if len(ids) > lm.max_positions:
+        raise AuditError(f"the text has {len(ids)} tokens; {lm.model_id} reads at most {lm.max_positions}")
     return ids
 
 

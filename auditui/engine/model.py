@@ -25,6 +25,7 @@ from torch import nn
 from auditui.engine.sites import FamilyAdapter, adapter_for
 from auditui.errors import AuditError
 from auditui.progress import QUIET, Progress
+from auditui.text import check_text
 
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,6 +93,8 @@ class LoadedModel:
 
     def prompt_ids(self, prompt: str, chat: bool | None = None, system: str | None = None) -> list[int]:
         """Token ids of a user prompt, through the chat template when the model has one."""
+        check_text(prompt, "the prompt")
+        check_text(system or "", "the system prompt")
         use_chat = self.has_chat_template if chat is None else chat
         if use_chat:
             if not self.has_chat_template:
@@ -164,8 +167,13 @@ def convert_gguf(gguf: Path, target: Path, progress: Progress = QUIET) -> None:
     def say(message: str) -> None:
         progress.progress(0, 0, message)
     say(f"de-quantizing {gguf.name} (first load only)")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for stale in target.parent.glob(f"{target.name}.tmp*"):  # a conversion killed half way
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError, EOFError, TypeError) as exc:
+        raise AuditError(f"{gguf} is not a GGUF model transformers can read: {str(exc).splitlines()[0][:200]}") from None
     # A GGUF-loaded model refuses save_pretrained while it carries its quantizer.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

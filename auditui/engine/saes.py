@@ -170,12 +170,17 @@ def registry_sources(spec: str) -> list[SAESource]:
     return sources
 
 
+MAX_RANGE = 1000  # values of one {A..B} range of SAE ids
+
+
 def expand_ranges(pattern: str) -> list[str]:
     """Expand `{A..B}` integer ranges: `layer_{3..5}/*` -> `layer_3/*`, `layer_4/*`, `layer_5/*`."""
     match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
     if not match:
         return [pattern]
     lo, hi = int(match.group(1)), int(match.group(2))
+    if not 0 <= hi - lo < MAX_RANGE:
+        raise AuditError(f"the range {{{lo}..{hi}}} must run upwards over at most {MAX_RANGE} values")
     head, tail = pattern[:match.start()], pattern[match.end():]
     return [p for n in range(lo, hi + 1) for p in expand_ranges(f"{head}{n}{tail}")]
 

@@ -22,6 +22,7 @@ import sqlite_utils
 
 from auditui.errors import AuditError
 from auditui.store.schema import MIGRATIONS, SCHEMA_VERSION
+from auditui.text import check_text
 
 LABELS = ("positive", "negative", "unlabelled")
 PERSON = "user"  # the labeller of a person's labels; a judge labels as "judge:<model>"
@@ -138,6 +139,7 @@ class Store:
 
     # -- sessions ------------------------------------------------------------------------------
     def create_session(self, name: str, model_id: str = "", pack_id: str = "") -> int:
+        check_text(name, "the session name")
         if not name.strip():
             raise AuditError("a session needs a name")
         with self._write() as db:
@@ -177,6 +179,7 @@ class Store:
             db["sessions"].update(session_id, {"updated": _now(), **fields})
 
     def rename_session(self, session_id: int, name: str) -> None:
+        check_text(name, "the session name")
         if not name.strip():
             raise AuditError("a session needs a name")
         self.session(session_id)

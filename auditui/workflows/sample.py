@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     from auditui.store.database import Store
 
 SAMPLE_KIND = "sample"
+MAX_SAMPLES = 1024  # per request: more is almost always a typo, and runs for a long time
+
+
+def check_sample_count(n: int, batch_size: int) -> None:
+    if n > MAX_SAMPLES or batch_size > MAX_SAMPLES:
+        raise AuditError(f"at most {MAX_SAMPLES} samples (and rows per batch) per request, got "
+                         f"{max(n, batch_size)}; sample in several requests")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ def sample(store: Store, lm: LoadedModel, session_id: int, request: SampleReques
     """Store the prompt, then every finished batch of completions; see the module docstring."""
     if not request.prompt.strip():
         raise AuditError("type a prompt first")
+    check_sample_count(request.n, request.batch_size)
     params = request.params
     chat = use_chat(lm, params)
     prompt_ids = lm.prompt_ids(request.prompt, chat=chat, system=params.system)

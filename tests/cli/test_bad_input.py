@@ -129,3 +129,27 @@ def test_non_finite_numbers_are_refused(tmp_path, tiny_models, tiny_packs):
     assert "--labels" in fails("flow", "--feature", "1/resid_post/0", "--labels", "-1", "--model", model,
                                "--pack", pack, "--db", db)
     assert Store(db).runs(1) == []
+
+
+def test_undecodable_text_huge_counts_bad_models_and_ranges(tmp_path, tiny_models, tiny_packs):
+    db = tmp_path / "s.db"
+    ok("session", "new", "s", "--db", db)
+    before = db.read_bytes()
+    model, pack = str(tiny_models["gpt2"]), str(tiny_packs["gpt2"])
+    bad_byte = b"\xff".decode("utf-8", "surrogateescape")  # what Python makes of $'\xff' in argv
+    assert "not valid UTF-8" in fails("session", "new", bad_byte, "--db", db)
+    assert "not valid UTF-8" in fails("sample", "--prompt", bad_byte, "--model", model, "--pack", "", "--db", db)
+    assert "not valid UTF-8" in fails("flow", "deactivate", "--feature", "1/resid_post/0", "--text", bad_byte,
+                                      "--model", model, "--pack", pack, "--db", db)
+    assert "at most 1024" in fails("sample", "--prompt", "hi", "-n", "100000", "--model", model, "--db", db)
+    assert "reads at most" in fails("flow", "deactivate", "--feature", "1/resid_post/0", "--text", "word " * 600,
+                                    "--model", model, "--pack", pack, "--db", db)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 10)
+    for gguf in (empty, junk):
+        assert "GGUF" in fails("inspect", "--model", gguf, "--pack", "")
+    assert "at most 1000" in fails("inspect", "--model", model, "--pack", "",
+                                   "--sae", "gpt2-small-res-jb:blocks.{0..2000000}.hook_resid_pre")
+    assert db.read_bytes() == before
