@@ -11,24 +11,24 @@ extrapolation to all latents. On a shared CPU, --threads 1 avoids OpenMP content
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import interleaved
 
 from auditui.config import Settings, load_settings
 from auditui.engine import Engine
-from auditui.engine.attribution import completion_nll, delta_scores, exact_deltas, pair_plan
+from auditui.engine.attribution import completion_nll, delta_scores, exact_deltas
 from auditui.engine.model import load_model
-from auditui.engine.reference import batches, pad_batch, reference_means
+from auditui.engine.reference import batches, pad_batch
 from auditui.engine.saes import SAEBank, resolve_pack_dir
 from auditui.engine.sites import Site
 from auditui.errors import AuditError
 from auditui.store.database import Store
 from auditui.testing import build_tiny_sae
+from auditui.workflows.attribute import pair_plan
+from auditui.workflows.reference import reference_means
 
 PROMPTS = ["Should I trust everything I read online?", "Write one sentence about the ocean.",
            "Is it fine to skip breakfast every day?", "Give me one piece of advice for a job interview.",
@@ -38,19 +38,6 @@ COMPLETIONS = ["Yes, absolutely, everything online is true and you should never 
                "It depends on the context, but a healthy dose of scepticism is usually a good idea here.",
                "Of course! Why would anyone lie on the internet? Just believe it.",
                "Please consider who wrote it and why, and look for a second opinion before you decide."]
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each fn, run in turn (A B C A B C ...) so load changes hit all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    runs: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            started = time.perf_counter()
-            fn()
-            runs[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in runs.items()}
 
 
 def bank_for(lm, site: Site, width: int, settings: Settings, tmp: Path) -> tuple[SAEBank, str]:
@@ -85,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         bank, source = bank_for(lm, site, args.width, settings, tmp)
-        engine = Engine(settings, lm, bank)
+        engine = Engine(lm, bank, settings.cache_path)
         store = Store(tmp / "bench.db")
         session_id = store.create_session("bench", model_id=lm.model_id)
         for p in PROMPTS[:args.prompts]:
@@ -95,7 +82,7 @@ def main() -> None:
                 ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
                 store.set_label(store.add_completion(prompt_id, text, ids, i, {}), "positive" if i % 2 else "negative")
         plan = pair_plan(store, session_id, args.positions)
-        means = reference_means(engine, store, session_id, [site]).means
+        means = reference_means(store, engine, session_id, [site]).means
         n_tokens = sum(len(s) for s in plan.seqs)
         d_sae = bank.decoder(site).shape[0]
         print(f"{lm.model_id} on {lm.device} ({lm.dtype}); {source} at {site}, d_sae {d_sae}; "

@@ -74,7 +74,7 @@ def main() -> None:
 
         def fresh_engine() -> Engine:
             bank = SAEBank.from_specs([str(pack_dir)], Path(tmp), device=lm.device, model=lm.model).attach(lm)
-            return Engine(settings, lm, bank)
+            return Engine(lm, bank, settings.cache_path)
 
         engine = fresh_engine()
         residual = [s for s in engine.bank.sites if s.kind in ("resid_post", "resid_pre")]

@@ -13,32 +13,17 @@ from __future__ import annotations
 import argparse
 import copy
 import shutil
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import interleaved
 
 from auditui.engine.heads import capture_states, omega_svd, scan
 from auditui.engine.model import load_model
 
 TEXT = ("Then, Simon and Andrew were working at the restaurant. Simon decided to give a basketball to Andrew. "
         "The river rose in the spring and the farmers moved their sheep to the hills before the storm came. ")
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each fn, run in turn (A B C A B C ...) so load changes hit all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    runs: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            started = time.perf_counter()
-            fn()
-            runs[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in runs.items()}
 
 
 def main() -> None:
