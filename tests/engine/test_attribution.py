@@ -372,7 +372,7 @@ def test_smollm2_attribution_tracks_exact_ablation(smollm2, tmp_path):
             completion_id = store.add_completion(prompt_id, lm.tokenizer.decode(tokens), tokens, i, {})
             store.set_label(completion_id, "positive" if i % 2 == 0 else "negative")
     run_id = attribution(engine, store, session_id, [site], top_k=20, check=20)
-    result = store.run(run_id)["result"]
+    result = attribution_run(store, run_id)["result"]
     print(f"\nSmolLM2 {site} ({pack.name}): Spearman over top {result['n_checked']} = {result['spearman']:.3f}")
     for row in result["rows"][:20]:
         print(f"  #{row['latent']:>6} attr {row['delta_attr']:+.4g} exact {row['exact']:+.4g} {row['logit_lens'][:4]}")
