@@ -56,6 +56,8 @@ def open_store(db: str | None) -> Iterator[Store]:
             yield store
         finally:
             store.close()
+            for note in store.damaged:
+                typer.echo(f"warning: {visible(note)}", err=True)
 
 
 def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:

@@ -65,6 +65,7 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         self._local = threading.local()
+        self.damaged: list[str] = []  # rows read with a damaged JSON column (see _decoded)
         self._open_and_migrate()
 
     # -- connections ---------------------------------------------------------------------------
@@ -212,14 +213,14 @@ class Store:
 
     def prompts(self, session_id: int) -> list[dict]:
         rows = self.db.query("SELECT * FROM prompts WHERE session_id = ? ORDER BY id", [session_id])
-        return [{**row, "prompt_ids": _loads(row["prompt_ids"])} for row in rows]
+        return [self._decoded("prompts", row, ("prompt_ids",)) for row in rows]
 
     def prompt(self, prompt_id: int) -> dict:
         _check_id(prompt_id, "prompt")
         rows = list(self.db.query("SELECT * FROM prompts WHERE id = ?", [prompt_id]))
         if not rows:
             raise AuditError(f"no prompt {prompt_id}")
-        return {**rows[0], "prompt_ids": _loads(rows[0]["prompt_ids"])}
+        return self._decoded("prompts", rows[0], ("prompt_ids",))
 
     def delete_empty_prompt(self, prompt_id: int) -> bool:
         """Remove a prompt that has no completion (e.g. its sampling was cancelled at once)."""
@@ -272,8 +273,8 @@ class Store:
         sql = ("SELECT c.*, COALESCE(l.label, 'unlabelled') AS label, l.labeller FROM completions c "
                f"LEFT JOIN labels l ON l.completion_id = c.id AND l.labeller = '{PERSON}'"
                + (f" WHERE {where}" if where else "") + " ORDER BY c.id")
-        return [{**row, "token_ids": _loads(row["token_ids"]), "params": _loads(row["params"]),
-                 "intervention": _loads(row["intervention"])} for row in self.db.query(sql, args)]
+        return [self._decoded("completions", row, ("token_ids", "params", "intervention"))
+                for row in self.db.query(sql, args)]
 
     def labels(self, completion_id: int) -> dict[str, str]:
         """Every labeller's label of a completion: {labeller: label}."""
@@ -346,10 +347,21 @@ class Store:
             raise AuditError(f"no run {run_id}")
         return self._run_row(rows[0])
 
-    @staticmethod
-    def _run_row(row: dict) -> dict:
-        return {**row, "params": _loads(row["params"]), "summary": _loads(row["summary"]),
-                "result": _loads(row["result"]), "provenance": _loads(row["provenance"])}
+    def _run_row(self, row: dict) -> dict:
+        return self._decoded("runs", row, ("params", "summary", "result", "provenance"))
+
+    def _decoded(self, table: str, row: dict, columns: tuple[str, ...]) -> dict:
+        """A row with its JSON columns decoded; a damaged value reads as None and is named in `damaged`."""
+        out = dict(row)
+        for column in columns:
+            try:
+                out[column] = _loads(row[column])
+            except ValueError:
+                out[column] = None
+                note = f"{table} row {row['id']}: {column} is damaged (not JSON); shown as empty"
+                if note not in self.damaged:
+                    self.damaged.append(note)
+        return out
 
     def put_blob(self, run_id: int, name: str, data: bytes) -> None:
         with self._write() as db:

@@ -7,10 +7,12 @@ import json
 import re
 import sqlite3
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli_sessions import fails, ok
 
+from auditui.errors import AuditError
 from auditui.store import Store
 from auditui.store.reports import render_reports
 from auditui.text import md_inline, visible
@@ -104,6 +106,11 @@ def test_fuzz_text_through_the_store_reports_and_session_show(tmp_path, text):
     db = tmp_path / "fuzz.db"
     db.unlink(missing_ok=True)
     store = Store(db)
+    if re.search("[\ud800-\udfff]", text):  # not valid Unicode: refused where it enters, nothing stored
+        with pytest.raises(AuditError, match="not valid UTF-8"):
+            store.create_session("n" + text)
+        assert store.sessions() == []
+        return
     session_id = store.create_session("n" + text)
     name = store.session(session_id)["name"]
     prompt_id = store.add_prompt(session_id, text or "p", [1], system=text or None)
@@ -153,3 +160,29 @@ def test_undecodable_text_huge_counts_bad_models_and_ranges(tmp_path, tiny_model
     assert "at most 1000" in fails("inspect", "--model", model, "--pack", "",
                                    "--sae", "gpt2-small-res-jb:blocks.{0..2000000}.hook_resid_pre")
     assert db.read_bytes() == before
+
+
+def test_a_damaged_row_is_named_and_the_rest_is_shown(tmp_path):
+    db = tmp_path / "s.db"
+    ok("session", "new", "s", "--db", db)
+    store = Store(db)
+    prompt_id = store.add_prompt(1, "intact prompt", [1, 2])
+    store.add_completion(prompt_id, "intact completion", [3], seed=0, params={})
+    damaged = store.add_completion(prompt_id, "damaged completion", [4], seed=1, params={})
+    run_id = store.start_run(1, "flow", {"k": 1})
+    store.finish_run(run_id, {"x": 1}, {"headline": "h"})
+    with store.db.conn:
+        store.db.execute("UPDATE runs SET summary = '{broken' WHERE id = ?", [run_id])
+        store.db.execute("UPDATE completions SET token_ids = '[1,' WHERE id = ?", [damaged])
+    store.close()
+    from typer.testing import CliRunner
+
+    from auditui.cli import app
+
+    for args in (["session", "show"], ["report"], ["report", "--format", "json"]):
+        result = CliRunner().invoke(app, [*args, "--db", str(db)])
+        assert result.exit_code == 0, result.output
+        assert "intact completion" in result.stdout and "damaged completion" in result.stdout
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+        assert f"warning: runs row {run_id}: summary is damaged (not JSON); shown as empty" in warnings
+        assert f"warning: completions row {damaged}: token_ids is damaged (not JSON); shown as empty" in warnings
