@@ -60,6 +60,18 @@ def open_store(db: str | None) -> Iterator[Store]:
                 typer.echo(f"warning: {visible(note)}", err=True)
 
 
+@contextmanager
+def saving_session(db: str | None, session: int | None) -> Iterator[tuple[Store, int] | None]:
+    """Where a result is stored: (store, the given or the latest session), or None with a note on
+    stderr when the database has no session yet."""
+    with open_store(db) as store:
+        if session is None and store.latest_session_id() is None:
+            typer.echo(f"not stored: {store.path} has no session yet", err=True)
+            yield None
+        else:
+            yield store, store.resolve_session(session)
+
+
 def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
     """Print `data` as JSON (one document on stdout) or through `human`."""
     if as_json:

@@ -31,8 +31,8 @@ from auditui.cli.common import (
     SessionOpt,
     emit,
     engine_for,
-    open_store,
     print_summary,
+    saving_session,
     settings_from,
 )
 from auditui.errors import AuditError
@@ -51,12 +51,11 @@ app.add_typer(flow_app, name="flow")
 
 def _save(db: str | None, session: int | None, write: Callable[[Store, int], int]) -> int | None:
     """Run `write(store, session_id)` on the session (given, or the latest one if any); the run id."""
-    with open_store(db) as store:
-        if session is None and store.latest_session_id() is None:
-            typer.echo(f"not stored: {store.path} has no session yet", err=True)
+    with saving_session(db, session) as target:
+        if target is None:
             return None
-        run_id = write(store, store.resolve_session(session))
-    typer.echo(f"stored as run {run_id} in {store.path}", err=True)
+        run_id = write(*target)
+    typer.echo(f"stored as run {run_id} in {target[0].path}", err=True)
     return run_id
 
 

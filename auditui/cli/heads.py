@@ -32,8 +32,8 @@ from auditui.cli.common import (
     SessionOpt,
     emit,
     engine_for,
-    open_store,
     print_summary,
+    saving_session,
     settings_from,
 )
 
@@ -58,12 +58,11 @@ def _stored(db: str | None, session: int | None, save: bool, work: Work) -> Head
     """`work(store, session_id)` on the session (given, or the latest one), or `work(None, None)` unsaved."""
     if not save:
         return work(None, None)
-    with open_store(db) as store:
-        if session is None and store.latest_session_id() is None:
-            typer.echo(f"not stored: {store.path} has no session yet", err=True)
+    with saving_session(db, session) as target:
+        if target is None:
             return work(None, None)
-        outcome = work(store, store.resolve_session(session))
-    typer.echo(f"stored as run {outcome.run_id} in {store.path}", err=True)
+        outcome = work(*target)
+    typer.echo(f"stored as run {outcome.run_id} in {target[0].path}", err=True)
     return outcome
 
 
