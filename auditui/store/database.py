@@ -25,6 +25,8 @@ from auditui.store.schema import MIGRATIONS, SCHEMA_VERSION
 from auditui.text import check_text
 
 LABELS = ("positive", "negative", "unlabelled")
+JUDGE_CALL_COLUMNS = ("run_id", "completion_id", "judge_model", "base_url", "rubric", "rubric_digest", "text_digest",
+                      "status", "raw", "error", "request_id", "attempts", "latency")
 PERSON = "user"  # the labeller of a person's labels; a judge labels as "judge:<model>"
 
 
@@ -191,6 +193,7 @@ class Store:
         with self._write() as db:
             for sql in (
                 "DELETE FROM blobs WHERE run_id IN (SELECT id FROM runs WHERE session_id = ?)",
+                "DELETE FROM judge_calls WHERE session_id = ?",
                 "DELETE FROM runs WHERE session_id = ?",
                 "DELETE FROM labels WHERE completion_id IN (SELECT id FROM completions WHERE session_id = ?)",
                 "DELETE FROM completions WHERE session_id = ?",
@@ -370,6 +373,28 @@ class Store:
     def get_blob(self, run_id: int, name: str) -> bytes | None:
         row = self.db.execute("SELECT data FROM blobs WHERE run_id = ? AND name = ?", [run_id, name]).fetchone()
         return row[0] if row else None
+
+    # -- judge calls: the record of every call, and the cache of finished ones -------------------
+    def add_judge_calls(self, session_id: int, calls: list[dict]) -> list[int]:
+        """Store judge calls (JUDGE_CALL_COLUMNS; scores as a dict) in one transaction; their ids."""
+        self.session(session_id)
+        now = _now()
+        with self._write() as db:
+            return [db["judge_calls"].insert({**{k: call.get(k) for k in JUDGE_CALL_COLUMNS}, "session_id": session_id,
+                                              "scores": _json(call.get("scores")), "created": now}).last_pk
+                    for call in calls]
+
+    def cached_judge_call(self, judge_model: str, rubric_digest: str, text_digest: str) -> dict | None:
+        """The newest finished (scored or unscored) call for this key, or None: transport errors are not cached."""
+        rows = list(self.db.query("""
+            SELECT * FROM judge_calls WHERE judge_model = ? AND rubric_digest = ? AND text_digest = ?
+              AND status IN ('scored', 'unscored') ORDER BY id DESC LIMIT 1""", [judge_model, rubric_digest, text_digest]))
+        return self._decoded("judge_calls", rows[0], ("scores",)) if rows else None
+
+    def judge_calls(self, session_id: int, run_id: int | None = None) -> list[dict]:
+        sql = "SELECT * FROM judge_calls WHERE session_id = ?" + (" AND run_id = ?" if run_id is not None else "")
+        args: list[Any] = [session_id] + ([run_id] if run_id is not None else [])
+        return [self._decoded("judge_calls", row, ("scores",)) for row in self.db.query(sql + " ORDER BY id", args)]
 
     # -- features chosen for later steps (e.g. a steering set) ---------------------------------
     def add_feature(self, session_id: int, site: str, latent: int, source: str, note: str = "",

@@ -80,5 +80,24 @@ PAIRS_V2 = """
     WHERE c.intervention IS NULL
     GROUP BY p.id HAVING n_positive > 0 AND n_negative > 0"""
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
+def _v3(db: sqlite_utils.Database) -> None:
+    """A session may name a reference model beside the audited one (model diffing, steering toward);
+    every call to an LLM judge is kept: what was asked (rubric and its digest, the text's digest),
+    what came back (request id, latency, attempts, raw answer, parsed scores or why not). A finished
+    call (scored or unscored) is the cache of (judge model, rubric digest, text digest)."""
+    for sql in (
+        "ALTER TABLE sessions ADD COLUMN reference_model TEXT",
+        """CREATE TABLE judge_calls (
+               id INTEGER PRIMARY KEY, session_id INTEGER NOT NULL REFERENCES sessions(id),
+               run_id INTEGER REFERENCES runs(id), completion_id INTEGER REFERENCES completions(id),
+               judge_model TEXT NOT NULL, base_url TEXT, rubric TEXT NOT NULL, rubric_digest TEXT NOT NULL,
+               text_digest TEXT NOT NULL, status TEXT NOT NULL, scores TEXT, raw TEXT, error TEXT,
+               request_id TEXT, attempts INTEGER, latency FLOAT, created FLOAT)""",
+        "CREATE INDEX idx_judge_calls_key ON judge_calls (judge_model, rubric_digest, text_digest)",
+        "CREATE INDEX idx_judge_calls_run ON judge_calls (run_id)",
+    ):
+        db.execute(sql)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)

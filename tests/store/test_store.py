@@ -314,7 +314,7 @@ def test_a_v1_database_made_by_wave_1_migrates_in_place_and_keeps_every_row(tmp_
     pairs = before.execute("SELECT * FROM pairs ORDER BY prompt_id").fetchall()
     before.close()
     store = Store(path)
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert store.integrity_check() == "ok"
     after = store.db.conn
     for table, old in rows.items():
