@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -324,6 +324,26 @@ def plans_from_attribution(result: dict, k: int, together: bool = True, op: str 
     return [SteeringPlan((f,), **{"source": f"{source}: {f.feature}", **options}) for f in features]
 
 
+def random_like(plan: SteeringPlan, bank: SAEBank, generator: torch.Generator) -> SteeringPlan:
+    """A plan of the same shape from random latents: each feature's latent replaced by one drawn
+    uniformly from its site's other latents (none twice per site), same operations, coefficients,
+    layers, schedule, folding and scope (the control of a steering effect)."""
+    taken: dict[Site, set[int]] = {}
+    for f in plan.features:
+        taken.setdefault(f.feature.site, set()).add(f.feature.latent)
+    features = []
+    for f in plan.features:
+        site, used = f.feature.site, taken[f.feature.site]
+        d_sae = bank.sae(site).cfg.d_sae
+        if len(used) >= d_sae:
+            raise AuditError(f"{site} has no latent left for a random plan ({d_sae} latents)")
+        while (latent := int(torch.randint(d_sae, (1,), generator=generator))) in used:
+            pass
+        used.add(latent)
+        features.append(PlanFeature(Feature(site, latent), f.op, f.coefficient))
+    return replace(plan, features=tuple(features), source=f"random latents shaped like: {plan.source or 'a plan'}")
+
+
 def plan_from_features(features: Iterable[Feature | str | tuple[Site | str, int]], op: str = "add",
                        coefficient: float = 1.0, **options: Any) -> SteeringPlan:
     """A plan over a steering set: (site, latent) pairs, Features or `12/resid_post/1234` strings."""
@@ -422,16 +442,18 @@ class SteeredRun:
 def steered_samples(lm: LoadedModel, bank: SAEBank, prompt_ids: list[int], plan: SteeringPlan,
                     strengths: list[float], n: int, params: SamplingParams, seed: int,
                     typical: Mapping[Site, Tensor] | None = None, means: Mapping[Site, Tensor] | None = None,
-                    batch_size: int | None = None, progress: Progress = QUIET) -> SteeredRun:
-    """n unsteered completions, then n per strength, seeds seed..seed+n-1 in every group (module docstring).
+                    batch_size: int | None = None, progress: Progress = QUIET, unsteered: bool = True) -> SteeredRun:
+    """n unsteered completions (unless `unsteered` is False), then n per strength, seeds
+    seed..seed+n-1 in every group (module docstring).
 
     All rows run as one batch unless batch_size is given. A stop request ends the run after the
     current batch (its unfinished rows have finish_reason "cancelled").
     """
     if not strengths or n < 1:
         raise AuditError("give at least one strength and one sample per strength")
-    row_strengths: list[float | None] = [s for s in [None, *strengths] for _ in range(n)]
-    seeds = [seed + i for _ in range(len(strengths) + 1) for i in range(n)]
+    groups: list[float | None] = [None, *strengths] if unsteered else list(strengths)
+    row_strengths = [s for s in groups for _ in range(n)]
+    seeds = [seed + i for _ in groups for i in range(n)]
     size = batch_size or len(seeds)
     total = len(seeds) * params.max_new_tokens
     samples: list[SteeredSample] = []

@@ -32,6 +32,7 @@ from auditui.engine.sampling import SamplingParams, check_counts, random_seed, u
 from auditui.engine.sites import Site
 from auditui.engine.steering import (
     FOLDED,
+    SteeredSample,
     SteeringPlan,
     parse_plan,
     plan_from_features,
@@ -147,6 +148,50 @@ def _summary(result: dict) -> dict:
             "notes": result["notes"]}
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What compiling plans needs from the session: typical activations (folding), reference means."""
+
+    typical: dict[Site, Tensor] | None
+    means: dict[Site, Tensor] | None
+    notes: list[str]
+
+
+def steering_inputs(store: Store, engine: Engine, session_id: int, plans: list[SteeringPlan],
+                    progress: Progress = QUIET) -> Inputs:
+    selected = [(plan, f) for plan in plans for f in plan.selected()]
+    notes = []
+    means = None
+    if any(f.op == "mean_ablate" for _, f in selected):
+        sites = sorted({f.feature.site for _, f in selected if f.op == "mean_ablate"})
+        means = reference_means(store, engine, session_id, sites, progress=progress).means
+        notes.append("mean-ablation to the session's reference means ā")
+    typical = None
+    folded = sorted({f.feature.site for plan, f in selected if plan.fold and f.op in FOLDED})
+    if folded:
+        typical = _typical(store, engine, session_id, folded)
+        notes.append("add/clamp coefficients folded by each latent's mean activation where it fires, "
+                     "over the session's unsteered texts")
+    return Inputs(typical, means, notes)
+
+
+def store_samples(store: Store, engine: Engine, prompt_id: int, run_id: int, plan: SteeringPlan,
+                  samples: list[SteeredSample], params: dict, tag: dict | None = None) -> list[int | None]:
+    """Store a plan's samples (cancelled ones as None): unsteered ones as ordinary completions, steered
+    ones with intervention {plan, strength, run_id, **tag}."""
+    ids: list[int | None] = []
+    for sample in samples:
+        if sample.finish_reason == "cancelled":
+            ids.append(None)
+            continue
+        intervention = None if sample.strength is None else {"plan": plan.to_dict(), "strength": sample.strength,
+                                                              "run_id": run_id, **(tag or {})}
+        ids.append(store.add_completion(prompt_id, sample.text, sample.token_ids, sample.seed, params,
+                                        model_id=engine.lm.model_id, finish_reason=sample.finish_reason,
+                                        intervention=intervention, run_id=run_id))
+    return ids
+
+
 def steer(store: Store, engine: Engine, session_id: int, request: SteerRequest, progress: Progress = QUIET) -> int:
     """Sample unsteered and steered completions side by side and store them; the run id."""
     request.validate()
@@ -155,36 +200,18 @@ def steer(store: Store, engine: Engine, session_id: int, request: SteerRequest, 
     chat = use_chat(lm, request.params)
     prompt_ids = lm.prompt_ids(request.prompt, chat=chat, system=request.params.system)
     seed = random_seed() if request.seed is None else request.seed
+    stored = {**asdict(request.params), "chat": chat}
     params = {"plan": plan.to_dict(), "prompt": request.prompt, "strengths": list(request.strengths), "n": request.n,
-              "params": {**asdict(request.params), "chat": chat}, "seed": seed, "batch_size": request.batch_size}
+              "params": stored, "seed": seed, "batch_size": request.batch_size}
     seeds = [seed + i for i in range(request.n)]
     with recorded_run(store, session_id, STEER_KIND, params, provenance(lm, engine, sites, seeds)) as run:
-        notes = []
-        means = None
-        if any(f.op == "mean_ablate" for f in plan.selected()):
-            means = reference_means(store, engine, session_id, sites, progress=progress).means
-            notes.append("mean-ablation to the session's reference means ā")
-        typical = None
-        folded = sorted({f.feature.site for f in plan.selected() if f.op in FOLDED})
-        if plan.fold and folded:
-            typical = _typical(store, engine, session_id, folded)
-            notes.append("add/clamp coefficients folded by each latent's mean activation where it fires, "
-                         "over the session's unsteered texts")
+        inputs = steering_inputs(store, engine, session_id, [plan], progress)
         done = steered_samples(lm, engine.bank, prompt_ids, plan, list(request.strengths), request.n,
-                               replace(request.params, chat=chat), seed, typical, means, request.batch_size, progress)
+                               replace(request.params, chat=chat), seed, inputs.typical, inputs.means,
+                               request.batch_size, progress)
         prompt_id = store.add_prompt(session_id, request.prompt, prompt_ids, system=request.params.system, chat=chat)
-        stored = {**asdict(request.params), "chat": chat}
-        ids = []
-        for sample in done.samples:
-            if sample.finish_reason == "cancelled":
-                ids.append(None)
-                continue
-            intervention = None if sample.strength is None else {"plan": plan.to_dict(), "strength": sample.strength,
-                                                                  "run_id": run.run_id}
-            ids.append(store.add_completion(prompt_id, sample.text, sample.token_ids, sample.seed, stored,
-                                            model_id=lm.model_id, finish_reason=sample.finish_reason,
-                                            intervention=intervention, run_id=run.run_id))
-        result = {**done.to_dict(), "prompt_id": prompt_id, "completion_ids": ids, "notes": notes}
+        ids = store_samples(store, engine, prompt_id, run.run_id, plan, done.samples, stored)
+        result = {**done.to_dict(), "prompt_id": prompt_id, "completion_ids": ids, "notes": inputs.notes}
         (run.partial if None in ids or len(ids) < request.n * (len(request.strengths) + 1) else run.done)(
             result, _summary(result))
     return run.run_id

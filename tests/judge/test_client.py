@@ -1,0 +1,96 @@
+"""The judge caller against real OpenAI-compatible servers on loopback, with the real openai client."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from helpers import Probe
+from judge_servers import DROP, Scripted, katan, requests
+
+from auditui.errors import AuditError
+from auditui.judge.client import Judge, JudgeConfig
+
+MESSAGES = [{"role": "system", "content": "grade"}, {"role": "user", "content": "the text"}]
+
+
+def judge(url: str, **options) -> Judge:
+    return Judge(JudgeConfig(url, "echo-judge", **{"backoff": 0.01, "retries": 3, **options}))
+
+
+def test_echo_answers_every_text_in_order_and_counts_at_the_server(tmp_path) -> None:
+    with katan(tmp_path) as url:
+        calls = judge(url, concurrency=4).ask_all([(i, [{"role": "user", "content": f"text {i}"}]) for i in range(10)])
+        assert [c.key for c in calls] == list(range(10))
+        assert all(c.error is None and f"User: text {c.key}" in c.raw and c.attempts == 1 for c in calls)
+        assert all(c.request_id for c in calls)
+        assert requests(url) == 10
+
+
+def test_server_errors_are_retried_then_reported_not_raised(tmp_path) -> None:
+    with katan(tmp_path, error_rate=1.0) as url:
+        call = judge(url, retries=2).ask("k", MESSAGES)
+        assert call.raw is None and "500" in call.error and call.attempts == 3
+
+
+def test_rate_limited_forever_gives_up_after_the_retries(tmp_path) -> None:
+    with katan(tmp_path, rate_limit_after=1) as url:
+        calls = judge(url, retries=2).ask_all([(1, MESSAGES), (2, MESSAGES)])
+        answered, limited = sorted(calls, key=lambda c: c.raw is None)
+        assert answered.raw is not None
+        assert limited.raw is None and "429" in limited.error and limited.attempts == 3
+
+
+def test_a_timeout_is_an_error_after_retries(tmp_path) -> None:
+    with katan(tmp_path, latency_ms=1500) as url:
+        started = time.monotonic()
+        call = judge(url, timeout=0.3, retries=1).ask("k", MESSAGES)
+        assert call.raw is None and "Timeout" in call.error and call.attempts == 2
+        assert time.monotonic() - started < 5
+
+
+def test_429_with_retry_after_then_success_waits_as_asked() -> None:
+    script = [(429, {"retry-after": "0.6"}, "slow down"), (200, {}, '{"coherence": 5, "behaviour": 1}')]
+    with Scripted(script) as server:
+        started = time.monotonic()
+        call = judge(server.url).ask("k", MESSAGES)
+        waited = time.monotonic() - started
+    assert call.raw == '{"coherence": 5, "behaviour": 1}' and call.attempts == 2 and call.request_id == "req-2"
+    assert waited >= 0.6 and server.count == 2
+
+
+def test_a_dropped_connection_is_retried() -> None:
+    with Scripted([DROP, DROP, (200, {}, "fine")]) as server:
+        call = judge(server.url).ask("k", MESSAGES)
+    assert (call.raw, call.attempts, server.count) == ("fine", 3, 3)
+
+
+def test_client_errors_are_not_retried() -> None:
+    with Scripted([(404, {}, "no such model")]) as server:
+        call = judge(server.url).ask("k", MESSAGES)
+    assert call.raw is None and "404" in call.error and server.count == 1
+
+
+def test_a_stop_ends_the_waits_and_leaves_the_rest_unasked() -> None:
+    with Scripted([(503, {"retry-after": "30"}, "busy")]) as server:
+        probe = Probe(stop=lambda events: len(events) > 0)
+        started = time.monotonic()
+        calls = judge(server.url, concurrency=1).ask_all([(i, MESSAGES) for i in range(5)], probe)
+    assert time.monotonic() - started < 5
+    assert all(c.cancelled for c in calls[1:]) and server.count <= 1
+
+
+def test_the_key_comes_from_the_environment_and_is_never_in_a_call(monkeypatch) -> None:
+    monkeypatch.setenv("AUDITUI_JUDGE_KEY", "sk-secret-123")
+    with Scripted([(200, {}, "ok")]) as server:
+        call = judge(server.url).ask("k", MESSAGES)
+    assert "sk-secret" not in repr(call) and "sk-secret" not in repr(judge(server.url).config.describe())
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (JudgeConfig("localhost:8000", "m"), "http"), (JudgeConfig("http://x", " "), "judge model"),
+    (JudgeConfig("http://x", "m", concurrency=0), "concurrency"),
+])
+def test_bad_settings_are_one_line(config: JudgeConfig, message: str) -> None:
+    with pytest.raises(AuditError, match=message):
+        Judge(config)

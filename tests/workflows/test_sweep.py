@@ -1,0 +1,140 @@
+"""Sweeps: the curve, the random band and the split-half best strength, recomputed by hand from the
+stored completions and a rule-based judge on a real loopback HTTP server."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+
+import pytest
+from helpers import labelled_session
+from judge_servers import Scripted
+
+from auditui.engine.sampling import SamplingParams
+from auditui.errors import AuditError
+from auditui.judge.client import Judge, JudgeConfig
+from auditui.judge.rubrics import load_rubric
+from auditui.store import Store
+from auditui.workflows.engine import open_engine
+from auditui.workflows.judge import Grading
+from auditui.workflows.steer import PlanSource, plan_for
+from auditui.workflows.sweep import SweepRequest, sweep
+
+GRADING = Grading(load_rubric("behaviour"), ("long texts",))
+GREEDYISH = SamplingParams(temperature=1.0, max_new_tokens=6, chat=False)
+TEXT = re.compile(r'Text:\n"""\n(.*)\n"""', re.S)
+
+
+def rule(text: str) -> tuple[int, int]:
+    """(behaviour, coherence) of the rule judge; an 'x' in the text makes it answer garbage."""
+    return len(text) % 6, 5 - len(set(text)) % 3
+
+
+def answer(messages: list[dict]) -> str:
+    text = TEXT.search(messages[-1]["content"]).group(1)
+    if "x" in text:
+        return "no idea"
+    behaviour, coherence = rule(text)
+    return json.dumps({"behaviour": behaviour, "coherence": coherence})
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_models, tiny_packs):
+    from auditui.config import load_settings
+
+    settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"),
+                             device="cpu", dtype="float32")
+    engine = open_engine(settings)
+    store = Store(settings.db)
+    session_id = labelled_session(store, engine.lm, [("Hello there", [("Hi!", "positive"), ("Go away", "negative")])])
+    return store, engine, session_id
+
+
+def _expected(rows: list[dict], direction: str) -> tuple[list[float], list[float]]:
+    behaviour, score = [], []
+    for row in rows:
+        if "x" in row["text"]:
+            continue
+        b, c = rule(row["text"])
+        behaviour.append(b / 5)
+        score.append((b / 5 if direction == "toward" else 1 - b / 5) * c / 5)
+    return behaviour, score
+
+
+@pytest.mark.parametrize("direction", ["toward", "away"])
+def test_sweep_curve_band_and_best_strength_match_the_stored_texts(setup, direction):
+    store, engine, session_id = setup
+    plan = plan_for(store, session_id, PlanSource(typed="2/resid_post/5:add:1, 1/mlp_out/3:add:1"))
+    request = SweepRequest(plan, "Once upon a time", GRADING, strengths=(0, 10, 40), n=4, params=GREEDYISH, seed=11,
+                           band=3, direction=direction)
+    with Scripted([answer]) as server:
+        run = store.run(sweep(store, engine, session_id, request, Judge(JudgeConfig(server.url, "rule", concurrency=4))))
+        asked = server.count
+    result = run["result"]
+    assert run["status"] == "done" and result["strengths"] == [0.0, 10.0, 40.0]
+    rows = {r["id"]: r for r in store.completions_by_ids(result["completion_ids"])}
+    assert len(rows) == 4 * (1 + 2 * (1 + 3)) and asked == len({r["text"] for r in rows.values()})
+
+    def group(curve: str | None, band: int | None, strength: float) -> list[dict]:
+        return [r for r in rows.values() if (r["intervention"] is None) == (strength == 0) and (
+            strength == 0 or (r["intervention"]["strength"] == strength and r["intervention"].get("curve") == curve
+                              and r["intervention"].get("band") == band))]
+
+    for point in result["curves"][0]["points"]:
+        texts = group("plan", None, point["strength"])
+        assert len(texts) == 4 and sorted(r["seed"] for r in texts) == [11, 12, 13, 14]
+        behaviour, score = _expected(texts, direction)
+        assert point["behaviour"]["n"] == len(behaviour) and point["unscored"] == 4 - len(behaviour)
+        if behaviour:
+            assert point["behaviour"]["mean"] == pytest.approx(statistics.fmean(behaviour))
+            assert point["score"]["mean"] == pytest.approx(statistics.fmean(score))
+    for edge in result["band"]["points"][1:]:
+        means = [statistics.fmean(s) for i in range(3)
+                 if (s := _expected(group(None, i, edge["strength"]), direction)[1])]
+        assert edge["score"]["median"] == pytest.approx(statistics.median(means))
+        assert edge["score"]["low"] >= min(means) - 1e-9 and edge["score"]["high"] <= max(means) + 1e-9
+    band_latents = [[f["feature"] for f in p["features"]] for p in result["band"]["plans"]]
+    assert all(set(b).isdisjoint({"2/resid_post/5", "1/mlp_out/3"}) for b in band_latents)
+    assert [b[0].rsplit("/", 1)[0] for b in band_latents] == ["2/resid_post"] * 3  # same sites, same order
+    best = result["best"]
+    chosen = {s: _expected([r for r in group("plan", None, s) if r["seed"] in (11, 13)], direction)[1]
+              for s in (0.0, 10.0, 40.0)}
+    assert best["strength"] == max((statistics.fmean(v), s) for s, v in chosen.items() if v)[1]
+    held_out = _expected([r for r in group("plan", None, best["strength"]) if r["seed"] in (12, 14)], direction)[1]
+    if held_out:
+        assert best["reported_score"]["mean"] == pytest.approx(statistics.fmean(held_out))
+    assert [f["coefficient"] for f in best["plan"]["features"]] == [best["strength"]] * 2
+    assert store.pairs(session_id) == [{"prompt_id": 1, "positive": [1], "negative": [2]}]  # steered rows never pair
+    assert "sweep" in run["summary"]["headline"] and len(run["summary"]["table"]["rows"]) == 3
+
+
+def test_a_repeated_sweep_asks_the_judge_nothing_and_compare_layers_adds_curves(setup):
+    store, engine, session_id = setup
+    plan = plan_for(store, session_id, PlanSource(typed="2/resid_post/5:add:1, 1/mlp_out/3:add:1"))
+    request = SweepRequest(plan, "Once upon a time", GRADING, strengths=(20,), n=2, params=GREEDYISH, seed=5,
+                           compare_layers=True)
+    with Scripted([answer]) as server:
+        judge = Judge(JudgeConfig(server.url, "rule"))
+        first = store.run(sweep(store, engine, session_id, request, judge))
+        count = server.count
+        second = store.run(sweep(store, engine, session_id, request, judge))
+        assert server.count == count  # same seeds, same texts: all cached
+    assert [c["label"] for c in first["result"]["curves"]] == [
+        "plan", "single @ 1", "cumulative @ 1", "single @ 2", "cumulative @ 2"]
+    assert second["result"]["counts"]["calls"] == 0 and second["result"]["counts"]["cached"] == 2 * 6
+    assert second["result"]["curves"] == first["result"]["curves"]
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"strengths": (0,)}, "other than 0"), ({"n": 1}, "at least 2"), ({"direction": "up"}, "toward or away"),
+    ({"band": 100}, "band"), ({"n": 1000, "band": 8}, "at most"), ({"prompt": " "}, "prompt"),
+])
+def test_bad_sweeps_are_refused_before_sampling(setup, changes, message):
+    store, engine, session_id = setup
+    plan = plan_for(store, session_id, PlanSource(typed="2/resid_post/5:add:1"))
+    request = SweepRequest(**{"plan": plan, "prompt": "Hi", "grading": GRADING, **changes})
+    with Scripted([answer]) as server:
+        with pytest.raises(AuditError, match=message):
+            sweep(store, engine, session_id, request, Judge(JudgeConfig(server.url, "rule")))
+    assert store.runs(session_id) == []
