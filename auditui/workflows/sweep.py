@@ -28,12 +28,12 @@ import torch
 
 from auditui.engine.attribution import check_sites
 from auditui.engine.sampling import SamplingParams, check_counts, random_seed, use_chat
-from auditui.engine.steering import SteeredSample, SteeringPlan, random_like, steered_samples
+from auditui.engine.steering import SteeringPlan, random_like, steered_samples
 from auditui.errors import AuditError
 from auditui.judge.client import Judge
 from auditui.progress import QUIET, Progress
 from auditui.stats import band, mean_ci
-from auditui.workflows.judge import Grade, Grading, Item, grade, text_metrics
+from auditui.workflows.judge import Grade, Grading, Item, Tally, grade, text_metrics
 from auditui.workflows.runs import provenance, recorded_run
 from auditui.workflows.steer import steering_inputs, store_samples
 
@@ -119,7 +119,7 @@ def _point(grades: list[Grade], metrics: list[dict], direction: str) -> dict:
 
 
 @dataclass
-class _Texts:
+class Texts:
     """The sweep's graded texts by (group, strength): group "unsteered", a curve label or "band i"."""
 
     grades: dict[tuple[str, float], list[Grade]]
@@ -132,68 +132,100 @@ class _Texts:
         return _point([self.grades[key][i] for i in keep], [self.metrics[key][i] for i in keep], direction)
 
 
-def _sample_all(store: Store, engine: Engine, session_id: int, request: SweepRequest, run_id: int, prompt_id: int,
-                prompt_ids: list[int], params: SamplingParams, seed: int, plans: list[tuple[str, SteeringPlan]],
-                progress: Progress) -> tuple[list[tuple[str, float, SteeredSample, int | None]], list[str]]:
-    inputs = steering_inputs(store, engine, session_id, [plan for _, plan in plans], progress)
-    stored = {**asdict(params)}
+@dataclass(frozen=True)
+class Batch:
+    """Plans to sample at the same strengths and seeds, unsteered once, and grade (sweeps, validation)."""
+
+    prompt: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    n: int
+    strengths: list[float]  # steered strengths, 0 excluded
+    plans: list[tuple[str, SteeringPlan]]  # (group label, plan); "band i" labels mark random plans
+
+    @property
+    def rows(self) -> int:
+        return self.n * (1 + len(self.strengths) * len(self.plans))
+
+
+@dataclass
+class Graded:
+    texts: Texts
+    completion_ids: list[int | None]
+    tally: Tally
+    notes: list[str]
+    complete: bool
+
+
+def sample_and_grade(store: Store, engine: Engine, session_id: int, run_id: int, batch: Batch, grading: Grading,
+                     judge: Judge, progress: Progress = QUIET) -> Graded:
+    """Sample every plan of the batch (stored under run_id), then judge and measure every text."""
+    inputs = steering_inputs(store, engine, session_id, [plan for _, plan in batch.plans], progress)
+    prompt_id = store.add_prompt(session_id, batch.prompt, batch.prompt_ids, system=batch.params.system,
+                                 chat=bool(batch.params.chat))
+    stored = asdict(batch.params)
     rows = []
-    for index, (group, plan) in enumerate(plans):
-        done = steered_samples(engine.lm, engine.bank, prompt_ids, plan, request.grid, request.n, params, seed,
-                               inputs.typical, inputs.means, None, progress, unsteered=index == 0)
+    for index, (group, plan) in enumerate(batch.plans):
+        done = steered_samples(engine.lm, engine.bank, batch.prompt_ids, plan, batch.strengths, batch.n, batch.params,
+                               batch.seed, inputs.typical, inputs.means, None, progress, unsteered=index == 0)
         tag = {"band": int(group.split()[1])} if group.startswith("band ") else {"curve": group}
         ids = store_samples(store, engine, prompt_id, run_id, plan, done.samples, stored, tag)
         rows += [("unsteered" if s.strength is None else group, 0.0 if s.strength is None else s.strength, s, pk)
                  for s, pk in zip(done.samples, ids, strict=True)]
         if any(pk is None for pk in ids):
             break
-    return rows, inputs.notes
+    kept = [r for r in rows if r[3] is not None]
+    completions = store.completions_by_ids([r[3] for r in kept])
+    grades, tally = grade(store, session_id, judge, grading,
+                          [Item(c["id"], batch.prompt, c["text"]) for c in completions], run_id, progress)
+    metrics = text_metrics(store, engine, completions, progress)
+    texts = Texts({}, {}, {})
+    by_id = {c["id"]: (g, m) for c, g, m in zip(completions, grades, metrics, strict=True)}
+    for group, strength, sample, pk in kept:
+        texts.grades.setdefault((group, strength), []).append(by_id[pk][0])
+        texts.metrics.setdefault((group, strength), []).append(by_id[pk][1])
+        texts.seeds.setdefault((group, strength), []).append(sample.seed)
+    complete = len(kept) == batch.rows and all(g.status != "cancelled" for g in grades)
+    return Graded(texts, [r[3] for r in rows], tally, inputs.notes, complete)
+
+
+def prepared(engine: Engine, prompt: str, params: SamplingParams, seed: int | None) -> tuple[list[int], SamplingParams, int]:
+    """The prompt's ids (chat template as the params say), the params with chat decided, the seed."""
+    chat = use_chat(engine.lm, params)
+    return (engine.lm.prompt_ids(prompt, chat=chat, system=params.system), replace(params, chat=chat),
+            random_seed() if seed is None else seed)
 
 
 def sweep(store: Store, engine: Engine, session_id: int, request: SweepRequest, judge: Judge,
           progress: Progress = QUIET) -> int:
     """Sample, judge and summarise a strength sweep with its random band; the run id."""
     request.validate()
-    lm = engine.lm
     curves = request.curves()
     generator = torch.Generator().manual_seed(request.band_seed)
     band_plans = [(f"band {i}", random_like(request.plan, engine.bank, generator)) for i in range(request.band)]
-    plans = curves + band_plans
-    sites = check_sites(engine, sorted({f.feature.site for _, p in plans for f in p.features}))
-    chat = use_chat(lm, request.params)
-    params = replace(request.params, chat=chat)
-    prompt_ids = lm.prompt_ids(request.prompt, chat=chat, system=request.params.system)
-    seed = random_seed() if request.seed is None else request.seed
+    sites = check_sites(engine, sorted({f.feature.site for _, p in curves + band_plans for f in p.features}))
+    prompt_ids, params, seed = prepared(engine, request.prompt, request.params, request.seed)
     record = {"plan": request.plan.to_dict(), "prompt": request.prompt, "strengths": [0.0, *request.grid],
               "n": request.n, "params": asdict(params), "seed": seed, "band": request.band,
               "band_seed": request.band_seed, "direction": request.direction, "compare_layers": request.compare_layers,
               "judge": judge.config.describe(), "rubric": request.grading.describe()}
     seeds = [seed + i for i in range(request.n)]
-    with recorded_run(store, session_id, SWEEP_KIND, record, provenance(lm, engine, sites, seeds)) as run:
-        prompt_id = store.add_prompt(session_id, request.prompt, prompt_ids, system=params.system, chat=chat)
-        rows, notes = _sample_all(store, engine, session_id, request, run.run_id, prompt_id, prompt_ids, params, seed,
-                                  plans, progress)
-        kept = [r for r in rows if r[3] is not None]
-        completions = store.completions_by_ids([r[3] for r in kept])
-        grades, tally = grade(store, session_id, judge, request.grading,
-                              [Item(c["id"], request.prompt, c["text"]) for c in completions], run.run_id, progress)
-        metrics = text_metrics(store, engine, completions, progress)
-        texts = _Texts({}, {}, {})
-        by_id = {c["id"]: (g, m) for c, g, m in zip(completions, grades, metrics, strict=True)}
-        for group, strength, sample, pk in kept:
-            texts.grades.setdefault((group, strength), []).append(by_id[pk][0])
-            texts.metrics.setdefault((group, strength), []).append(by_id[pk][1])
-            texts.seeds.setdefault((group, strength), []).append(sample.seed)
-        result = summarise(texts, request, [label for label, _ in curves], [p for _, p in band_plans], seeds)
-        result.update({"prompt_id": prompt_id, "completion_ids": [r[3] for r in rows], "notes": notes,
-                       "counts": {**tally.__dict__}, "failure_rate": tally.failure_rate(),
-                       "judge": judge.config.describe(), "rubric": request.grading.describe()})
-        complete = len(kept) == request.rows() and all(g.status != "cancelled" for g in grades)
-        (run.done if complete else run.partial)(result, _summary(result))
+    with recorded_run(store, session_id, SWEEP_KIND, record, provenance(engine.lm, engine, sites, seeds)) as run:
+        batch = Batch(request.prompt, prompt_ids, params, seed, request.n, request.grid, curves + band_plans)
+        graded = sample_and_grade(store, engine, session_id, run.run_id, batch, request.grading, judge, progress)
+        result = summarise(graded.texts, request, [label for label, _ in curves], [p for _, p in band_plans], seeds)
+        result.update(graded_record(graded, judge, request.grading))
+        (run.done if graded.complete else run.partial)(result, _summary(result))
     return run.run_id
 
 
-def summarise(texts: _Texts, request: SweepRequest, curves: list[str], band_plans: list[SteeringPlan],
+def graded_record(graded: Graded, judge: Judge, grading: Grading) -> dict:
+    return {"completion_ids": graded.completion_ids, "notes": graded.notes, "counts": {**graded.tally.__dict__},
+            "failure_rate": graded.tally.failure_rate(), "judge": judge.config.describe(), "rubric": grading.describe()}
+
+
+def summarise(texts: Texts, request: SweepRequest, curves: list[str], band_plans: list[SteeringPlan],
               seeds: list[int]) -> dict:
     strengths = [0.0, *request.grid]
     direction = request.direction

@@ -12,6 +12,7 @@ from helpers import labelled_session
 from judge_servers import Scripted
 
 from auditui.engine.sampling import SamplingParams
+from auditui.engine.sites import Site
 from auditui.errors import AuditError
 from auditui.judge.client import Judge, JudgeConfig
 from auditui.judge.rubrics import load_rubric
@@ -138,3 +139,44 @@ def test_bad_sweeps_are_refused_before_sampling(setup, changes, message):
         with pytest.raises(AuditError, match=message):
             sweep(store, engine, session_id, request, Judge(JudgeConfig(server.url, "rule")))
     assert store.runs(session_id) == []
+
+
+def test_validation_steers_each_top_latent_alone_against_random_latents(setup):
+    from helpers import attribution
+
+    from auditui.workflows.validate import ValidateRequest, validate
+
+    store, engine, session_id = setup
+    attr_run = attribution(engine, store, session_id, [Site.parse("2/resid_post")], top_k=3)
+    request = ValidateRequest(attr_run, "Once upon a time", GRADING, k=3, strength=30.0, n=3, band=4,
+                              params=GREEDYISH, seed=2)
+    with Scripted([answer]) as server:
+        run = store.run(validate(store, engine, session_id, request, Judge(JudgeConfig(server.url, "rule"))))
+    result = run["result"]
+    assert run["parent_id"] == attr_run and run["status"] == "done"
+    attr = store.run(attr_run)["result"]
+    assert [r["latent"] for r in result["sets"]["attribution"]] == [
+        r["latent"] for r in sorted(attr["rows"], key=lambda r: r["rank"])][:3]
+    assert [r["latent"] for r in result["sets"]["activation"]] == attr["sites"]["2/resid_post"]["act_top"][:3]
+    rows = store.completions_by_ids(result["completion_ids"])
+    band = set(run["params"]["band_latents"])
+    assert len(band) == 4 and band.isdisjoint(r["latent"] for s in result["sets"].values() for r in s)
+
+    def mean_behaviour(chosen: list[dict]) -> float | None:
+        values = _expected(chosen, "toward")[0]
+        return statistics.fmean(values) if values else None
+
+    base = mean_behaviour([r for r in rows if r["intervention"] is None])
+    for latent_row in result["sets"]["attribution"] + result["sets"]["activation"]:
+        feature = f"2/resid_post/{latent_row['latent']}"
+        for direction, sign in (("toward", 1), ("away", -1)):
+            steered = [r for r in rows if r["intervention"] and r["intervention"]["plan"]["features"][0]["feature"] == feature
+                       and r["intervention"]["strength"] == sign * 30.0]
+            assert len(steered) == 3
+            mean = mean_behaviour(steered)
+            delta = latent_row[direction]["delta_behaviour"]
+            assert delta is None if mean is None or base is None else delta == pytest.approx(mean - base)
+    counts = result["leaving_band"]
+    for name in ("attribution", "activation"):
+        assert counts[name]["toward"] == sum(bool(r["toward"]["leaves_band"]) for r in result["sets"][name])
+    assert "leaving the random band" in run["summary"]["headline"]
