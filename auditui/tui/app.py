@@ -32,7 +32,7 @@ class AuditApp(App):
     BINDINGS = [
         Binding("f1", "help", "Help"),
         Binding("f2", "pack_quality", "SAE pack quality", show=False),
-        Binding("escape", "cancel_job", "Cancel job", show=False),
+        Binding("escape", "cancel_job", "Cancel job / back", show=False),
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("ctrl+q", "quit", "Quit", show=False),
     ]
@@ -110,8 +110,9 @@ class AuditApp(App):
         self._set_job((message.job.title, 0, 0))
 
     def on_job_progress(self, message: JobProgress) -> None:
-        text = f"{message.job.title}: {message.message}" if message.message else message.job.title
-        self._set_job((text, message.done, message.total))
+        stage = message.message if message.message != message.job.title else ""
+        count = f" {message.done:g}/{message.total:g}" if message.total else ""
+        self._set_job((f"{message.job.title}{': ' * bool(stage)}{stage}{count}", message.done, message.total))
 
     def on_job_done(self, message: JobDone) -> None:
         self._set_job(None)
@@ -141,10 +142,13 @@ class AuditApp(App):
 
     # -- actions -------------------------------------------------------------------------------
     def action_cancel_job(self) -> None:
+        """Esc: cancel the running job; with none, leave a text field or go back (AuditScreen.action_back)."""
         if self.jobs.cancel_current():
             self.notify("cancelling…", timeout=2)
         elif self.jobs.busy:
             self.notify("the model keeps loading: every step needs it", timeout=3)
+        elif hasattr(self.screen, "action_back"):
+            self.screen.action_back()
 
     def action_toggle_theme(self) -> None:
         dark, light = dark_and_light(self.available_themes)
@@ -153,8 +157,8 @@ class AuditApp(App):
     def action_help(self) -> None:
         if isinstance(self.screen, Help):
             return
-        rows = [(binding.key_display or key, binding.description or binding.action)
-                for key, (_node, binding, _enabled, _tip) in self.screen.active_bindings.items()]
+        rows = [(keys, binding.description or binding.action) for node in (self.screen, self)
+                for keys, binding in own_keys(node)]
         self.push_screen(Help(rows, getattr(self.screen, "HELP", "")))
 
     def action_pack_quality(self) -> None:
@@ -177,14 +181,23 @@ class AuditApp(App):
         yield SystemCommand("Keys", "Show the keys of this screen (F1)", self.action_help)
         yield SystemCommand("SAE pack quality", "Variance explained, L0, dead latents, spliced-in loss (F2)",
                             self.action_pack_quality)
-        for key, active in screen.active_bindings.items():  # every key of the screen, by name
-            binding = active.binding
-            if active.node is screen and binding.description:
-                yield SystemCommand(binding.description, f"key {binding.key_display or key}",
-                                    partial(screen.run_action, binding.action))
+        for keys, binding in own_keys(screen):  # every key of the screen by name, whatever has focus
+            if binding.description:
+                yield SystemCommand(binding.description, f"key {keys}", partial(screen.run_action, binding.action))
 
     def on_unmount(self) -> None:
         self.jobs.shutdown()
+
+
+def own_keys(node: App | Screen) -> list[tuple[str, Binding]]:
+    """(keys, binding) of the node's own bindings, one per action: "plus,equals_sign" is one row "+"."""
+    rows: dict[str, tuple[list[str], Binding]] = {}
+    for key, bindings in node._bindings.key_to_bindings.items():
+        for binding in bindings:
+            keys = rows.setdefault(binding.action, ([], binding))[0]
+            if (binding.key_display or key) not in keys:
+                keys.append(binding.key_display or key)
+    return [(" ".join(keys), binding) for keys, binding in rows.values()]
 
 
 def run_app(settings: Settings) -> None:

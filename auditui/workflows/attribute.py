@@ -9,7 +9,8 @@ from `auditui.workflows.reference` (stored, reused). The run's layout is documen
 `auditui.engine.attribution`; a check is a child run of kind "attribution_check" with params
 {latents, positions, batch_size} and result {rows: [checked rows], notes}, so the finished
 attribution run is never rewritten. A stop during attribution records a cancelled run without a
-result; a stop during a check keeps the latents checked so far (a cancelled child run).
+result, or with what it computed when the stop came during its last batch; a stop during a check keeps
+the latents checked so far (a cancelled child run).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from auditui.engine.attribution import (
 from auditui.engine.reference import check_vocab, completion_sequence
 from auditui.engine.sites import Site
 from auditui.errors import AuditError
-from auditui.progress import QUIET, Progress
+from auditui.progress import QUIET, Progress, stop_if_asked
 from auditui.workflows.reference import load_reference, reference_means
 from auditui.workflows.runs import provenance, recorded_run
 
@@ -135,7 +136,9 @@ def attribute(store: Store, engine: Engine, session_id: int, request: AttributeR
         store.put_blob(run.run_id, "deltas", save_tensors({
             f"{site}|{name}": vec.cpu().contiguous() for site, pair in scores.items()
             for name, vec in zip(("attr", "act"), pair)}))
-        run.done(result, summarize(result))
+        # a stop that came while the last batch ran: the run is cancelled, what was computed kept
+        (run.partial if progress.should_stop() else run.done)(result, summarize(result))
+        stop_if_asked(progress)
     if request.check:
         targets = [(Site.parse(r["site"]), r["latent"]) for r in result["rows"] if r["rank"] <= request.check]
         check_latents(store, engine, run.run_id, targets, progress=progress)
@@ -217,5 +220,5 @@ def check_latents(store: Store, engine: Engine, run_id: int, latents: list[tuple
                 notes.append(f"exact check stopped after {len(exact)} of {len(wanted)} latents at {site}")
                 break
         summary = {"headline": f"exact check of {len(checked)} latents of attribution run {run_id}"}
-        (child.partial if notes else child.done)({"rows": checked, "notes": notes}, summary)
+        (child.partial if notes or progress.should_stop() else child.done)({"rows": checked, "notes": notes}, summary)
     return checked

@@ -2,7 +2,8 @@
 as soon as it finishes, and a run of kind "sample" (params, provenance, completion ids).
 
 A request that cannot be sampled is refused before anything is stored. A stop keeps the finished
-completions (unfinished rows are dropped) and records the run as cancelled with what it holds.
+completions (unfinished rows are dropped) and records the run as cancelled with what it holds; a prompt
+left without any completion is removed.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class SampleRequest:
 
 @dataclass(frozen=True)
 class SampleResult:
-    prompt_id: int
+    prompt_id: int | None  # None: stopped before the first completion (the prompt is not kept)
     completion_ids: list[int]
     seed: int
     run_id: int
@@ -64,16 +65,21 @@ def sample(store: Store, lm: LoadedModel, session_id: int, request: SampleReques
     seeds = [seed + i for i in range(request.n)]
     with recorded_run(store, session_id, SAMPLE_KIND, run_params, provenance(lm, seeds=seeds)) as run:
         prompt_id = store.add_prompt(session_id, request.prompt, prompt_ids, system=params.system, chat=chat)
-        completion_ids = []
-        for batch in iter_sample_batches(lm, prompt_ids, request.n, params, seed, request.batch_size, progress):
-            for item in batch:
-                if item.finish_reason != "cancelled":
-                    completion_ids.append(store.add_completion(
-                        prompt_id, item.text, item.token_ids, item.seed, stored, model_id=lm.model_id,
-                        pack_id=pack_id, finish_reason=item.finish_reason, run_id=run.run_id))
+        completion_ids: list[int] = []
+        try:
+            for batch in iter_sample_batches(lm, prompt_ids, request.n, params, seed, request.batch_size, progress):
+                for item in batch:
+                    if item.finish_reason != "cancelled":
+                        completion_ids.append(store.add_completion(
+                            prompt_id, item.text, item.token_ids, item.seed, stored, model_id=lm.model_id,
+                            pack_id=pack_id, finish_reason=item.finish_reason, run_id=run.run_id))
+        finally:
+            if not completion_ids:  # stopped (or failed) before the first completion: no empty prompt is left
+                store.delete_empty_prompt(prompt_id)
+        kept = prompt_id if completion_ids else None
         cancelled = len(completion_ids) < request.n
-        result = {"prompt_id": prompt_id, "completion_ids": completion_ids}
-        summary = {"headline": f"{len(completion_ids)} of {request.n} completions of prompt {prompt_id} "
-                               f"(seeds {seed}..{seed + request.n - 1})"}
+        result = {"prompt_id": kept, "completion_ids": completion_ids}
+        summary = {"headline": f"{len(completion_ids)} of {request.n} completions of prompt {prompt_id}"
+                               f"{'' if kept else ' (not kept)'} (seeds {seed}..{seed + request.n - 1})"}
         (run.partial if cancelled else run.done)(result, summary)
-    return SampleResult(prompt_id, completion_ids, seed, run.run_id, cancelled)
+    return SampleResult(kept, completion_ids, seed, run.run_id, cancelled)

@@ -136,10 +136,11 @@ async def test_escape_cancels_sampling(tmp_path, tiny_models):
         await pilot.press("n", *"c", "enter")
         for name, value in (("n", str(n)), ("max", str(max_new)), ("seed", "0")):
             app.screen.query_one(f"#param-{name}").value = value
-        app.screen.query_one("#prompt").focus()
-        await pilot.press(*"go", "enter")
+        app.screen.query_one("#prompt").value = "go"
+        app.screen.action_sample()  # not a key press: Pilot would wait for the busy queue to drain
         # progress counts n * max_new token steps; past 8 * max_new the second batch of 8 is running
         while app.job_status is None or app.job_status[1] <= 8 * max_new:
+            assert app.jobs.busy, "sampling ended before Esc"
             await pilot.pause(0.02)
         await pilot.press("escape")
         await wait_idle(app, pilot)

@@ -75,9 +75,10 @@ async def _tui_audit(db, model, pack) -> None:
         await wait_idle(app, pilot)
         app.screen.query_one("#layers").move_cursor(row=app.screen.query_one("#layers").get_row_index(FEATURE))
         await pilot.press("x")
-        await pilot.pause()
-        app.screen.query_one("#field-0").value = TEXT
-        await pilot.press("enter", "enter", "enter", "enter")
+        await wait_idle(app, pilot)  # the dialog opens once it knows where the feature fires
+        app.screen.query_one("#field-0").value = TEXT  # a typed text instead of the session's
+        app.screen.query_one("#field-1").value = "-1"
+        await pilot.press("enter")
         await wait_idle(app, pilot)
 
 

@@ -65,5 +65,6 @@ def test_sample_into_session_raw_random_seed_and_errors(loaded, tmp_path):
     assert len(store.prompts(session_id)) == n_prompts  # a refused request stores no prompt
     stopped = sample(store, lm, session_id, SampleRequest("plain text", 4, raw, batch_size=2),
                      Probe(stop=lambda events: True))
-    assert stopped.completion_ids == [] and len(store.prompts(session_id)) == n_prompts + 1
+    assert stopped.completion_ids == [] and stopped.prompt_id is None  # a prompt without completions is removed
+    assert len(store.prompts(session_id)) == n_prompts
     assert stopped.cancelled and store.run(stopped.run_id)["status"] == "cancelled"

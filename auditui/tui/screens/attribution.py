@@ -16,7 +16,7 @@ from textual.color import Color
 from auditui.errors import AuditError
 from auditui.tui.guard import guarded
 from auditui.tui.screens.base import StepScreen
-from auditui.tui.widgets.params import parse_number
+from auditui.tui.widgets.params import ParamRow, parse_number
 from auditui.tui.widgets.summary import summary_text
 
 BAR = 10
@@ -43,7 +43,7 @@ class AttributionScreen(StepScreen):
         Binding("f", "flow", "Flow"),
         Binding("s", "steer", "Steer set +"),
         Binding("t", "steering", "Steer top 10"),
-        Binding("b", "app.pop_screen", "Back"),
+        Binding("b", "back", "Back"),
     ]
 
     TABLE_ID = "ranked"
@@ -52,8 +52,9 @@ class AttributionScreen(StepScreen):
         super().__init__(session_id)
         self.run: dict | None = None
 
-    def params(self) -> list[tuple[str, str, int]]:
-        return [("sites", self.default_sites(), 24), ("top", "100", 4), ("check", "0", 3), ("positions", "prompt", 10)]
+    def params(self) -> list[tuple]:
+        return [("sites", self.default_sites(), 22), ("top", "100", 4, "integer"), ("check", "0", 3, "integer"),
+                ("positions", "prompt", 10)]
 
     def default_sites(self) -> str:
         """The residual site nearest the middle of the model that has an SAE."""
@@ -69,11 +70,13 @@ class AttributionScreen(StepScreen):
         self.title = "attribution"
         self.table.add_columns("#", "site", "latent", "Δ-attr", "", "Δ-act", "act#",
                                                           "exact", "tokens")
-        from auditui.workflows.attribute import attribution_run
-
-        runs = [r for r in self.store.runs(self.session_id, "attribution") if r["status"] == "done"]
+        runs = [r for r in self.store.runs(self.session_id, "attribution") if r["result"]]  # done or partial
         if runs:
-            self.show_run(attribution_run(self.store, runs[-1]["id"]))
+            self.show_run(runs[-1]["id"])
+            params = runs[-1]["params"]  # the controls describe the run the table shows
+            self.query_one(ParamRow).set_values({"sites": " ".join(params["sites"]), "top": str(params["top_k"]),
+                                                 "check": str(params["check"]), "positions": params["positions"]})
+        self.show_damaged()
 
     # -- running -------------------------------------------------------------------------------
     def request(self):  # type: ignore[no-untyped-def]
@@ -94,23 +97,36 @@ class AttributionScreen(StepScreen):
     def action_run(self) -> None:
         req = self.request()
         store, session_id = self.store, self.session_id
+        known = max((r["id"] for r in store.runs(session_id, "attribution")), default=0)
 
         def job(ctx):  # type: ignore[no-untyped-def]
-            from auditui.workflows.attribute import attribute, attribution_run
+            from auditui.workflows.attribute import attribute
 
-            return attribution_run(store, attribute(store, self.engine(ctx), session_id, req, ctx))
+            return attribute(store, self.engine(ctx), session_id, req, ctx)
 
-        self.submit("attribution", job, on_done=self.show_run)
+        def stopped(_error: str) -> None:  # a cancelled or failed run is shown as what the store holds
+            new = [r["id"] for r in store.runs(session_id, "attribution") if r["id"] > known]
+            if new:
+                self.show_run(new[-1])
+
+        self.submit("attribution", job, on_done=self.show_run, on_error=stopped)
 
     def on_input_submitted(self) -> None:
         self.action_run()
 
-    def show_run(self, run: dict) -> None:
-        if run["status"] != "done" or not run.get("result"):
-            self.notify(f"attribution run {run['id']}: {run['status']}", markup=False)
+    @guarded
+    def show_run(self, run_id: int) -> None:
+        """The run with its exact checks; its status in the title when it is not done."""
+        from auditui.workflows.attribute import attribution_run
+
+        run = attribution_run(self.store, run_id)
+        status = "" if run["status"] == "done" else f" · {run['status']}"
+        self.run, self.rows = (run, run["result"]["rows"]) if run["result"] else (None, [])
+        if self.run is None:
+            self.table.clear()
+            self.title = f"attribution · run {run_id}{status}"
+            self.show_detail(Text(f"run {run_id} {run['status']}: {run['error'] or 'no result'}"))
             return
-        self.run = run
-        self.rows = run["result"]["rows"]
         largest = max((abs(r["delta_attr"]) for r in self.rows), default=0.0)
         table = self.table
         row_index = table.cursor_row
@@ -120,7 +136,7 @@ class AttributionScreen(StepScreen):
                           bar(row["delta_attr"], largest), number(row["delta_act"]), str(row["act_rank"]),
                           number(row["exact"]), Text(" ".join(repr(t)[1:-1] for t in row["logit_lens"][:4])),
                           key=f"{row['site']}/{row['latent']}")
-        self.title = f"attribution · run {run['id']} · {run['result']['n_prompts']} prompts"
+        self.title = f"attribution · run {run_id} · {run['result']['n_prompts']} prompts{status}"
         self.show_detail(summary_text(run["summary"]))
         if table.row_count:
             table.move_cursor(row=min(row_index, table.row_count - 1))
@@ -144,12 +160,13 @@ class AttributionScreen(StepScreen):
         store, run_id, target = self.store, self.run["id"], (row["site"], row["latent"])
 
         def job(ctx):  # type: ignore[no-untyped-def]
-            from auditui.workflows.attribute import attribution_run, check_latents
+            from auditui.workflows.attribute import check_latents
 
             check_latents(store, self.engine(ctx), run_id, [target], progress=ctx)
-            return attribution_run(store, run_id)
+            return run_id
 
-        self.submit(f"exact check {target[0]}/{target[1]}", job, on_done=self.show_run)
+        self.submit(f"exact check {target[0]}/{target[1]}", job, on_done=self.show_run,
+                    on_error=lambda _error: self.show_run(run_id))
 
     @guarded
     def action_view(self) -> None:

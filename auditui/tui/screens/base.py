@@ -9,13 +9,15 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from auditui.tui.widgets.params import ParamRow
 from auditui.tui.widgets.status import StatusBar
 
 
 class AuditScreen(Screen):
+    AUTO_FOCUS = "DataTable"  # not a text field: the screen's letter keys act from the start
+
     @property
     def store(self) -> Any:
         return self.app.store  # type: ignore[attr-defined]
@@ -29,6 +31,26 @@ class AuditScreen(Screen):
         """The loaded Engine, inside a job."""
         return ctx.state["engine"]
 
+    def results(self) -> DataTable:
+        """The table the screen's keys act on (focused when a text field is left)."""
+        return self.query(DataTable).first()
+
+    def action_back(self) -> None:
+        """`b`, or Esc when no job runs: leave a text field first, then go back to the previous screen."""
+        if isinstance(self.focused, Input):
+            self.results().focus()
+        elif len(self.app.screen_stack) > 2:  # never below the sessions screen
+            self.app.pop_screen()
+
+    def show_damaged(self) -> None:
+        """The store's notes about damaged rows read so far, as one warning (then forgotten, so the next
+        read of the same rows warns again)."""
+        notes = list(self.store.damaged)
+        self.store.damaged.clear()
+        if notes:
+            self.notify("\n".join(notes[:5]) + (f"\n… and {len(notes) - 5} more" if len(notes) > 5 else ""),
+                        title="damaged database rows", severity="warning", timeout=20, markup=False)
+
 
 class StepScreen(AuditScreen):
     """A row of parameters, a table of results (one row per `self.rows` entry), a detail pane."""
@@ -40,8 +62,8 @@ class StepScreen(AuditScreen):
         self.session_id = session_id
         self.rows: list[dict] = []
 
-    def params(self) -> list[tuple[str, str, int]]:
-        """(name, default, width) of the parameter inputs."""
+    def params(self) -> list[tuple]:
+        """(name, default, width[, "integer" | "number"]) of the parameter inputs."""
         raise NotImplementedError
 
     def compose(self) -> ComposeResult:
@@ -56,6 +78,9 @@ class StepScreen(AuditScreen):
     @property
     def table(self) -> DataTable:
         return self.query_one(f"#{self.TABLE_ID}", DataTable)
+
+    def results(self) -> DataTable:
+        return self.table
 
     def param_values(self) -> dict[str, str]:
         return self.query_one(ParamRow).values()

@@ -15,9 +15,9 @@ class AskForm(ModalScreen[dict[str, str] | None]):
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
 
-    def __init__(self, question: str, fields: list[tuple[str, str]]):
+    def __init__(self, question: str, fields: list[tuple[str, str]], optional: tuple[str, ...] = ()):
         super().__init__()
-        self.question, self.fields = question, fields
+        self.question, self.fields, self.optional = question, fields, optional
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
@@ -26,6 +26,17 @@ class AskForm(ModalScreen[dict[str, str] | None]):
                 if len(self.fields) > 1:
                     yield Label(Text(name), classes="field-name")
                 yield Input(value=value, id=f"field-{i}")
+            yield from self.more()
+
+    def more(self) -> ComposeResult:
+        """Widgets below the fields (none here)."""
+        yield from ()
+
+    def answer(self) -> dict[str, str] | None:
+        """The fields' values, or None when a field that is not optional is empty."""
+        values = {name: self.query_one(f"#field-{i}", Input).value.strip()
+                  for i, (name, _) in enumerate(self.fields)}
+        return values if all(value or name in self.optional for name, value in values.items()) else None
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         inputs = list(self.query(Input))
@@ -33,9 +44,7 @@ class AskForm(ModalScreen[dict[str, str] | None]):
         if position + 1 < len(inputs):
             inputs[position + 1].focus()
             return
-        values = {name: self.query_one(f"#field-{i}", Input).value.strip()
-                  for i, (name, _) in enumerate(self.fields)}
-        self.dismiss(values if all(values.values()) else None)
+        self.dismiss(self.answer())
 
 
 class Confirm(ModalScreen[bool]):

@@ -8,10 +8,15 @@ graph on the current node, `d` switches backward/forward/both, `x` runs the deac
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.text import Text
+from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.widgets import DataTable, Input, Label
 
 from auditui.errors import AuditError
+from auditui.text import visible
 from auditui.tui.guard import guarded
 from auditui.tui.screens.base import StepScreen
 from auditui.tui.screens.dialogs import AskForm
@@ -41,7 +46,7 @@ class FlowScreen(StepScreen):
         Binding("s", "steer", "Steer set +"),
         Binding("t", "steering", "Steer graph"),
         Binding("e", "export", "Export"),
-        Binding("b", "app.pop_screen", "Back"),
+        Binding("b", "back", "Back"),
     ]
 
     TABLE_ID = "layers"
@@ -51,8 +56,9 @@ class FlowScreen(StepScreen):
         self.feature = feature
         self.graph: dict | None = None
 
-    def params(self) -> list[tuple[str, str, int]]:
-        return [("feature", self.feature, 20), ("k", "1", 2), ("dir", "both", 8), ("t_R", "0.5", 4), ("t_M", "0.15", 4)]
+    def params(self) -> list[tuple]:
+        return [("feature", self.feature, 20), ("k", "1", 2, "integer"), ("dir", "both", 8), ("t_R", "0.5", 4, "number"),
+                ("t_M", "0.15", 4, "number")]
 
     def on_mount(self) -> None:
         self.title = "flow"
@@ -161,15 +167,19 @@ class FlowScreen(StepScreen):
 
     @guarded
     def action_deactivate(self) -> None:
+        """Find where the node fires in the session's texts, then ask (DeactivateForm) what to test."""
         node = self.current()
         if node is None:
             return
-        comps = self.store.completions(self.session_id)
-        default = comps[-1]["text"] if comps else ""
-        fields = [("text", default), ("token (negative counts from the end)", "-1"), ("r", "0"),
-                  ("chat template (y/n)", "n")]
-        self.app.push_screen(AskForm(f"Deactivation test of {node['id']}'s predecessors", fields),
-                             lambda answer: self._deactivate(node["id"], answer))
+        store, session_id = self.store, self.session_id
+
+        def job(ctx):  # type: ignore[no-untyped-def]
+            return session_texts(store, self.engine(ctx), session_id, node["site"], node["latent"], ctx)
+
+        def ask(texts: list[dict]) -> None:
+            self.app.push_screen(DeactivateForm(node["id"], texts), lambda answer: self._deactivate(node["id"], answer))
+
+        self.submit(f"where {node['id']} fires", job, on_done=ask)
 
     @guarded
     def _deactivate(self, feature: str, answer: dict[str, str] | None) -> None:
@@ -195,6 +205,74 @@ class FlowScreen(StepScreen):
             return deactivation_summary(result)
 
         self.submit(f"deactivate {feature}", job, on_done=lambda summary: self.show_detail(summary_text(summary)))
+
+
+def session_texts(store: Any, engine: Any, session_id: int, site: str, latent: int, progress: Any) -> list[dict]:
+    """On the engine thread: the session's texts as the model read them (chat template, prompt and
+    completion) as raw text, each with its token where the latent fires most; strongest first, the texts
+    where it never fires last (token -1). The token counts in the text as the deactivation test reads it."""
+    from auditui.engine.flow import text_ids
+    from auditui.engine.labels import top_snippets
+    from auditui.engine.reference import TokenSeq
+    from auditui.engine.sites import Site
+    from auditui.workflows.reference import session_sequences
+
+    tokenizer = engine.lm.tokenizer
+    added = tokenizer("", add_special_tokens=True)["input_ids"]  # what encoding puts in front (a BOS): not twice
+
+    def raw(ids: list[int]) -> str:
+        return tokenizer.decode(ids[len(added):] if ids[:len(added)] == added else ids)
+
+    texts = [raw(list(seq.ids)) for seq in session_sequences(store, session_id)]
+    seqs = [TokenSeq(tuple(text_ids(engine.lm, text)), n_prompt=0, completion_id=i) for i, text in enumerate(texts)]
+    found = top_snippets(engine, seqs, Site.parse(site), latent, k=len(seqs), before=20, after=4, progress=progress)
+    rows = [{"text": texts[s["completion_id"]], "max": s["max"], "token": s["position"], "tokens": s["tokens"],
+             "at": s["position"] - s["start"]} for s in found]  # completion_id: the index into texts
+    fired = {s["completion_id"] for s in found}
+    return rows + [{"text": text, "max": 0.0, "token": -1, "tokens": [text[-60:]], "at": -1}
+                   for i, text in enumerate(texts) if i not in fired]
+
+
+class DeactivateForm(AskForm):
+    """The deactivation test's fields over the session's texts (`session_texts`): the highlighted text is
+    tested (in its chat context, as raw text) unless one is typed; a highlighted text sets its strongest token."""
+
+    TEXT = "text (empty: the highlighted session text below)"
+
+    def __init__(self, feature: str, texts: list[dict]):
+        fields = [(self.TEXT, ""), ("token (negative counts from the end)", str(texts[0]["token"] if texts else -1)),
+                  ("r", "0"), ("chat template for a typed text (y/n)", "n")]
+        super().__init__(f"Deactivation test of {feature}'s predecessors", fields, optional=(self.TEXT,))
+        self.texts = texts
+
+    def more(self) -> ComposeResult:
+        yield Label(Text("the session's texts, where it fires most first (Enter tests the highlighted one):", style="dim"))
+        table: DataTable = DataTable(cursor_type="row", id="choices")
+        table.add_columns("max", "token", "text")
+        for text in self.texts:
+            view = Text()
+            for i, token in enumerate(text["tokens"]):
+                view.append(visible(token).replace("\n", "⏎"), style="reverse" if i == text["at"] else "")
+            table.add_row(f"{text['max']:.3g}", str(text["token"]), view)
+        yield table
+
+    def on_mount(self) -> None:
+        self.query_one("#choices" if self.texts else "#field-0").focus()
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.query_one("#field-1", Input).value = str(self.texts[event.cursor_row]["token"])
+
+    def on_data_table_row_selected(self) -> None:
+        self.dismiss(self.answer())
+
+    def answer(self) -> dict[str, str] | None:
+        values = super().answer()
+        if values is None or values[self.TEXT]:
+            return values
+        if not self.texts:
+            return None
+        chosen = self.texts[self.query_one("#choices", DataTable).cursor_row]["text"]
+        return {**values, self.TEXT: chosen, self.fields[3][0]: "n"}  # the chosen text carries its template
 
 
 def node_detail(node: dict) -> Text:

@@ -103,7 +103,7 @@ class HeadsScreen(StepScreen):
         Binding("ctrl+r", "scan", "Scan"),
         Binding("f", "flow", "Flow"),
         Binding("s", "steer", "Steer set +"),
-        Binding("b", "app.pop_screen", "Back"),
+        Binding("b", "back", "Back"),
     ]
     CSS = """
     HeadsScreen #heads-main { height: 1fr; }
@@ -125,9 +125,9 @@ class HeadsScreen(StepScreen):
         prompts = self.store.prompts(self.session_id)
         return prompts[-1] if prompts else None
 
-    def params(self) -> list[tuple[str, str, int]]:
+    def params(self) -> list[tuple]:
         prompt = self.latest_prompt()
-        return [("text", prompt["text"] if prompt else "", 30), ("thr", "0.3", 4),
+        return [("text", prompt["text"] if prompt else "", 30), ("thr", "0.3", 4, "number"),
                 ("chat", "y" if prompt and prompt["chat"] else "n", 1)]
 
     def compose(self) -> ComposeResult:
@@ -144,6 +144,9 @@ class HeadsScreen(StepScreen):
     @property
     def grid(self) -> DataTable:
         return self.query_one("#grid", DataTable)
+
+    def results(self) -> DataTable:
+        return self.grid
 
     @guarded
     def on_mount(self) -> None:

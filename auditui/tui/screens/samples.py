@@ -41,7 +41,8 @@ class SamplesScreen(AuditScreen):
         Binding("h", "heads", "Heads"),
         Binding("t", "steering", "Steer the set"),
         Binding("e", "export", "Export"),
-        Binding("b", "app.pop_screen", "Sessions"),
+        Binding("p", "focus_prompt", "Prompt"),
+        Binding("b", "back", "Sessions"),
     ]
 
     def __init__(self, session_id: int):
@@ -55,8 +56,8 @@ class SamplesScreen(AuditScreen):
             yield Label(" prompt › ")
             yield Input(placeholder="type a prompt, Enter samples N completions", id="prompt")
         with Horizontal(id="params"):
-            yield ParamRow([("n", "8", 4), ("temp", "1.0", 4), ("top-p", "0.95", 4), ("max", "64", 4),
-                            ("seed", "", 8)])
+            yield ParamRow([("n", "8", 4, "integer"), ("temp", "1.0", 4, "number"), ("top-p", "0.95", 4, "number"),
+                            ("max", "64", 4, "integer"), ("seed", "", 8, "integer")])
             yield Static(id="pairs")
         with Horizontal(id="main"):
             yield DataTable(cursor_type="row", id="prompts")
@@ -79,6 +80,15 @@ class SamplesScreen(AuditScreen):
         completions.add_column("", key="label")
         completions.add_column("completion")
         self.refresh_prompts()
+        self.show_damaged()
+        # the screen's letter keys act unless the prompt is focused (p, or Tab); an empty session starts there
+        (self.results() if self.query_one("#prompts", DataTable).row_count else self.query_one("#prompt", Input)).focus()
+
+    def results(self) -> DataTable:
+        completions = self.query_one("#completions", DataTable)
+        return completions if completions.row_count else self.query_one("#prompts", DataTable)
+
+    def action_focus_prompt(self) -> None:
         self.query_one("#prompt", Input).focus()
 
     # -- rendering -----------------------------------------------------------------------------
@@ -134,8 +144,8 @@ class SamplesScreen(AuditScreen):
         self.query_one("#detail", Static).update(Text(header, style="dim") + Text(visible(comp["text"])))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.row_key.value is None:
-            return
+        if event.row_key.value is None or event.row_key not in event.data_table.rows:
+            return  # a row of an earlier fill of the table (its highlight arrives after the table was refilled)
         if event.data_table.id == "prompts":
             if int(event.row_key.value) != self.prompt_id:
                 self.show_prompt(int(event.row_key.value))

@@ -42,7 +42,7 @@ class SteeringScreen(StepScreen):
         Binding("k", "cycle('sched')", "Schedule"),
         Binding("m", "cycle('mode')", "Single/cumul."),
         Binding("p", "cycle('scope')", "Scope"),
-        Binding("b", "app.pop_screen", "Back"),
+        Binding("b", "back", "Back"),
     ]
     TABLE_ID = "plan"
 
@@ -53,11 +53,12 @@ class SteeringScreen(StepScreen):
         self.source = source or PlanSource(steering_set=True)
         self.op, self.coefficient = op, coefficient
 
-    def params(self) -> list[tuple[str, str, int]]:
+    def params(self) -> list[tuple]:
         prompts = self.store.prompts(self.session_id)
         prompt = prompts[-1]["text"] if prompts else ""
-        return [("prompt", prompt, 22), ("op", self.op, 8), ("coef", self.coefficient, 4), ("strengths", "0 2 4 8", 9),
-                ("sched", "constant", 8), ("mode", "cumulative", 8), ("scope", "all", 7), ("n", "2", 2), ("max", "32", 3)]
+        return [("prompt", prompt, 22), ("op", self.op, 8), ("coef", self.coefficient, 4, "number"),
+                ("strengths", "0 2 4 8", 9), ("sched", "constant", 8), ("mode", "cumulative", 8), ("scope", "all", 7),
+                ("n", "2", 2, "integer"), ("max", "32", 3, "integer")]
 
     def on_mount(self) -> None:
         self.title = "steering"

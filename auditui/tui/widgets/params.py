@@ -8,28 +8,36 @@ from textual.widgets import Input, Label
 
 from auditui.errors import AuditError
 
+NUMERIC = ("integer", "number")
+
 
 class ParamRow(Horizontal):
-    """Inputs `#param-NAME` for (name, default, width) triples, in one line."""
+    """Inputs `#param-NAME` for (name, default, width[, type]) fields in one line; type "integer" / "number"
+    fields accept only numbers and are flagged (class -invalid) while what they hold is not one."""
 
     DEFAULT_CSS = """
     ParamRow { height: 1; width: auto; }
     ParamRow Label { color: $text-muted; }
     """
 
-    def __init__(self, fields: list[tuple[str, str, int]], **kwargs: object):
+    def __init__(self, fields: list[tuple], **kwargs: object):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.fields = fields
 
     def compose(self) -> ComposeResult:
-        for name, value, width in self.fields:
+        for name, value, width, *rest in self.fields:
+            kind = rest[0] if rest else "text"
             yield Label(f" {name} ")
-            input_ = Input(value=value, id=f"param-{name}")
-            input_.styles.width = width + 2
+            input_ = Input(value=value, id=f"param-{name}", type=kind, valid_empty=True)
+            input_.styles.width = width + 2 + (kind in NUMERIC)  # padding, and the cursor after a full number
             yield input_
 
     def values(self) -> dict[str, str]:
-        return {name: self.query_one(f"#param-{name}", Input).value.strip() for name, _, _ in self.fields}
+        return {name: self.query_one(f"#param-{name}", Input).value.strip() for name, *_ in self.fields}
+
+    def set_values(self, values: dict[str, str]) -> None:
+        for name, value in values.items():
+            self.query_one(f"#param-{name}", Input).value = value
 
 
 def parse_number(raw: str, kind: type, name: str, low: float, high: float) -> float | int:

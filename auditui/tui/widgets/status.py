@@ -28,6 +28,7 @@ class StatusBar(Horizontal):
         self.job_text = job[0] if job else ""
         bar = self.query_one(ProgressBar)
         bar.display = job is not None
+        self.query_one("#engine-state").display = job is None  # the job's stage and count need the room
         if job is not None:
             bar.update(total=job[2] or None, progress=job[1])
 
