@@ -26,8 +26,9 @@ CHAT_TEMPLATE = (
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def tiny_tokenizer():
-    """A byte-level tokenizer (256 byte symbols + 3 specials) with a ChatML chat template."""
+def tiny_tokenizer(extra_tokens: int = 0):
+    """A byte-level tokenizer (256 byte symbols + 3 specials, + `extra_tokens` more specials) with a
+    ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,7 +38,7 @@ def tiny_tokenizer():
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(list(SPECIALS))
+    core.add_special_tokens(list(SPECIALS) + [f"<|extra_{i}|>" for i in range(extra_tokens)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=SPECIALS[0], eos_token=SPECIALS[2],
                                         pad_token=SPECIALS[0])
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -68,17 +69,18 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 3, d_model: int = 
 
 
 def build_tiny_model(family: str, out_dir: Path, seed: int = 0, n_layers: int = 3, d_model: int = 64,
-                     init_std: float = 0.2) -> Path:
+                     init_std: float = 0.2, extra_tokens: int = 0) -> Path:
     """Save a random tiny model of `family` (+ tokenizer) to `out_dir` and return it.
 
     `init_std` is larger than the usual 0.02 so that random models have non-trivial, input-dependent
-    activations and logits (a near-constant model makes every test pass vacuously).
+    activations and logits (a near-constant model makes every test pass vacuously). `extra_tokens`
+    gives the tokenizer (and the embeddings) that many more tokens: another vocabulary.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(extra_tokens)
     config = tiny_config(family, len(tokenizer), n_layers, d_model)
     config.initializer_range = init_std
     torch.manual_seed(seed)
@@ -87,6 +89,28 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0, n_layers: int = 
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_planted_model(model_dir: Path, out_dir: Path, layer: int, direction: torch.Tensor, scale: float) -> Path:
+    """A copy of the saved model `model_dir` whose layer-`layer` MLP adds `scale * direction` [d_model] to
+    the residual stream at every token (on the bias of its output projection): it differs from the
+    original only along that direction there. Families whose MLP output has a bias (gpt2, gpt_neox)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from auditui.engine.sites import adapter_for
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    adapter = adapter_for(model)
+    mlp = model.get_submodule(f"{adapter.layers}.{layer}.{adapter.mlp_out}")
+    biased = [m for m in mlp.modules() if isinstance(getattr(m, "bias", None), torch.nn.Parameter)]
+    if not biased:
+        raise ValueError(f"the MLP of {adapter.name} has no output bias to plant a direction on")
+    with torch.no_grad():
+        biased[-1].bias += scale * direction.to(biased[-1].bias)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
     return out_dir
 
 

@@ -31,6 +31,8 @@ DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto | float32 | 
 DbOpt = Annotated[str | None, typer.Option("--db", help="session database file (AUDITUI_DB)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON")]
 SessionOpt = Annotated[int | None, typer.Option("--session", "-s", help="session id (default: the most recent)")]
+ReferenceModelOpt = Annotated[str | None, typer.Option(
+    "--reference-model", help="a reference model beside the audited one (HF id, local dir, .gguf); same tokenizer and width")]
 
 
 def settings_from(**flags: Any) -> Settings:

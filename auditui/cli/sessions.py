@@ -1,4 +1,4 @@
-"""`auditui session new|list|show|rename|delete`, `auditui sample`, `auditui label`, `auditui report`.
+"""`auditui session new|list|show|rename|reference|delete`, `auditui sample`, `auditui label`, `auditui report`.
 
 Each acts on the most recent session of the database unless `--session ID` is given. Model text
 is printed with plain echo (never through Rich markup).
@@ -21,6 +21,7 @@ from auditui.cli.common import (
     ModelOpt,
     PackOpt,
     Printer,
+    ReferenceModelOpt,
     SessionOpt,
     emit,
     open_store,
@@ -39,12 +40,54 @@ def _short(text: str, width: int = 72) -> str:
 
 
 # -- session ------------------------------------------------------------------------------------
+def _checked_models(spec: str, model: str | None, device: str | None, dtype: str | None, db: str | None):
+    """(audited, reference) loaded with the settings and checked against each other, before the DB opens."""
+    from auditui.workflows.diffing import load_models
+
+    return load_models(settings_from(model=model, device=device, dtype=dtype, db=db), spec, Printer())
+
+
+def _reference_line(s: dict) -> str:
+    return f" (reference model {visible(s['reference_model'])})" if s.get("reference_model") else ""
+
+
 @session_app.command("new")
-def session_new(name: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
-    """Create a session (it becomes the most recent one)."""
+def session_new(name: str, reference_model: ReferenceModelOpt = None, model: ModelOpt = None,
+                device: DeviceOpt = None, dtype: DtypeOpt = None, db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Create a session (it becomes the most recent one), optionally naming a reference model."""
+    from auditui.workflows.diffing import set_reference_model
+
+    models = _checked_models(reference_model, model, device, dtype, db) if reference_model else None
     with open_store(db) as store:
-        session = store.session(store.create_session(name))
-    emit(session, as_json, lambda s: typer.echo(f"created session {s['id']}: {visible(s['name'])}"))
+        session_id = store.create_session(name)
+        if models is not None:
+            set_reference_model(store, session_id, *models, reference_model)
+        session = store.session(session_id)
+    emit(session, as_json, lambda s: typer.echo(f"created session {s['id']}: {visible(s['name'])}{_reference_line(s)}"))
+
+
+@session_app.command("reference")
+def session_reference(session_id: int, reference_model: Annotated[str | None, typer.Argument(
+                          metavar="MODEL", help="HF id, local dir or .gguf with the audited model's tokenizer and width")] = None,
+                      clear: Annotated[bool, typer.Option("--clear", help="name no reference model")] = False,
+                      model: ModelOpt = None, device: DeviceOpt = None, dtype: DtypeOpt = None, db: DbOpt = None,
+                      as_json: JsonOpt = False) -> None:
+    """Name the reference model of a session (checked against the audited --model), or --clear it."""
+    from auditui.workflows.diffing import set_reference_model
+
+    if clear == bool(reference_model):
+        raise AuditError("give a reference MODEL or --clear")
+    with open_store(db) as store:
+        store.session(session_id)  # an unknown session is refused before any model loads
+    models = _checked_models(reference_model, model, device, dtype, db) if reference_model else None
+    with open_store(db) as store:
+        if models is None:
+            store.touch_session(session_id, reference_model=None)
+        else:
+            set_reference_model(store, session_id, *models, reference_model)
+        session = store.session(session_id)
+    emit(session, as_json, lambda s: typer.echo(f"session {s['id']}: {visible(s['name'])}"
+                                                f"{_reference_line(s) or ' (no reference model)'}"))
 
 
 @session_app.command("list")
@@ -64,7 +107,8 @@ def session_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
 
 def _print_session(data: dict) -> None:
     s = data["session"]
-    typer.echo(f"session {s['id']}: {visible(s['name'])} (model {s['model_id'] or '-'}, pack {s['pack_id'] or '-'})")
+    typer.echo(f"session {s['id']}: {visible(s['name'])} (model {s['model_id'] or '-'}, pack {s['pack_id'] or '-'})"
+               f"{_reference_line(s)}")
     for prompt in data["prompts"]:
         typer.echo(f"prompt {prompt['id']}: {_short(prompt['text'])}")
         for c in prompt["completions"]:

@@ -4,11 +4,13 @@
                   --features "12/resid_post/1234:add:8,..."  --prompt "..." [--strength 2 --strength 4]
                   [--op add|rescale|clamp|mean_ablate] [--coefficient C] [--mode cumulative|single]
                   [--layer L] [--schedule constant|linear|exponential --end S* --alpha A] [--fold]
-                  [--scope all|prompt|generated] [-n 4] [--seed S] [--json]
+                  [--scope all|prompt|generated] [-n 4] [--seed S] [--on audited|reference] [--json]
 
 A row's strength multiplies every coefficient, so `--strength` values form a grid in one batch.
 The run (kind "steer") and every completion are stored in the session; steered completions carry
-their plan and never enter pairs or reference means.
+their plan and never enter pairs or reference means. `--on reference` steers the session's reference
+model (`auditui session reference`) instead, with the same SAE sources; the run's provenance then
+names the reference model (it was checked against the audited model when it was set).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from auditui.cli.common import (
     print_summary,
     settings_from,
 )
+from auditui.errors import AuditError
+
+STEERED = ("audited", "reference")
 
 
 def _plan_options(op: str | None, coefficient: float | None, mode: str, layer: int | None, schedule: str,
@@ -73,10 +78,13 @@ def steer(prompt: Annotated[str, typer.Option("--prompt", help="the user prompt 
           raw: Annotated[bool, typer.Option("--raw", help="no chat template")] = False,
           system: Annotated[str | None, typer.Option("--system", help="system prompt")] = None,
           batch_size: Annotated[int | None, typer.Option("--batch-size", help="rows per batch (default all)")] = None,
+          on: Annotated[str, typer.Option("--on", help="audited | reference: the model steered (the session's reference)")]
+          = "audited",
           session: SessionOpt = None, model: ModelOpt = None, pack: PackOpt = None, sae: SaeOpt = None,
           device: DeviceOpt = None, dtype: DtypeOpt = None, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Sample a prompt without and with a steering plan (one batch per strength grid)."""
     from auditui.engine.sampling import SamplingParams
+    from auditui.workflows.diffing import session_reference
     from auditui.workflows.steer import PlanSource, SteerRequest, plan_for
     from auditui.workflows.steer import steer as steer_workflow
 
@@ -85,14 +93,19 @@ def steer(prompt: Annotated[str, typer.Option("--prompt", help="the user prompt 
                             chat=False if raw else None, system=system)
     source = PlanSource(file=str(plan_file) if plan_file else None, flow_run=from_flow,
                         attribution_run=from_attribution, top=top, steering_set=from_set, typed=features)
+    if on not in STEERED:
+        raise AuditError(f"--on takes {' or '.join(STEERED)}, not {on!r}")
     with open_store(db) as store:
         session_id = store.resolve_session(session)
+        if on == "reference":  # the same SAE sources, attached to (and checked against) the reference model
+            settings = settings.with_overrides(model=session_reference(store, session_id))
         plan = plan_for(store, session_id, source,
                         **_plan_options(op, coefficient, mode, layer, schedule, end, alpha, fold, scope))
         request = SteerRequest(plan, prompt, tuple(strength or [1.0]), n, params, seed, batch_size)
         request.validate()  # before the model loads
         engine = engine_for(settings, sae)
         run = store.run(steer_workflow(store, engine, session_id, request, Printer()))
-    emit({"run_id": run["id"], "session_id": session_id, "status": run["status"], "params": run["params"],
-          "summary": run["summary"], "result": run["result"]}, as_json,
+    emit({"run_id": run["id"], "session_id": session_id, "status": run["status"], "on": on,
+          "model_id": engine.lm.model_id, "params": run["params"], "summary": run["summary"], "result": run["result"]},
+         as_json,
          lambda d: print_summary(d["summary"], f"run {d['run_id']} ({d['status']}): {d['summary']['headline']}"))

@@ -49,6 +49,8 @@ Stored run (kind "attribution", written by the workflow)
              rows: [{site, latent, rank, delta_attr, delta_act, act_rank, logit_lens: [tokens],
                      exact: float | None}, ...]  (per site, by rank; rank 1 = largest Δ-attr),
              n_checked, spearman (over every checked row, all sites), notes: [...]}
+            (a model-diffing child run adds delta_diff, diff_rank to rows, overlap_diff to sites, diff_run:
+             `auditui.workflows.diffing.attribution_with_diff`)
     summary {headline, table: {columns, rows} (top rows over all sites), notes}
     blob    "deltas": safetensors {"SITE|attr": [d_sae], "SITE|act": [d_sae]} (full Δ vectors).
     Exact checks are child runs (kind "attribution_check"); the workflow merges them into the view.
@@ -348,9 +350,15 @@ def summarize(result: dict) -> dict:
     if result["n_checked"]:
         headline += (f"; Spearman(attribution, exact ΔL) {_fmt(result['spearman'])} over "
                      f"{result['n_checked']} checked latents")
-    table = {"columns": ["rank", "site", "latent", "Δ-attr", "Δ-act", "exact ΔL", "logit lens"],
+    diffed = [f"{site} {info['overlap_diff']}/{info['top_k']}" for site, info in result["sites"].items()
+              if "overlap_diff" in info]  # model diffing merged in (`auditui.engine.diffing.annotate_attribution`)
+    if diffed:
+        headline += f"; with model-diffing Δ-activation: {', '.join(diffed)}"
+    models = ["Δ-act models"] if diffed else []
+    table = {"columns": ["rank", "site", "latent", "Δ-attr", "Δ-act", *models, "exact ΔL", "logit lens"],
              "rows": [[r["rank"], r["site"], r["latent"], _fmt(r["delta_attr"]), _fmt(r["delta_act"]),
-                       _fmt(r["exact"]), " ".join(r["logit_lens"][:5])] for r in rows[:SUMMARY_ROWS]]}
+                       *([_fmt(r.get("delta_diff"))] if models else []), _fmt(r["exact"]), " ".join(r["logit_lens"][:5])]
+                      for r in rows[:SUMMARY_ROWS]]}
     return {"headline": headline, "table": table, "notes": result["notes"]}
 
 

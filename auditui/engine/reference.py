@@ -18,7 +18,8 @@ Reading
 Reference mean
     `mean_activations(lm, seqs, sites)`: ā_s = mean of site s over the counted positions of the
     reference texts, leaving out tokens whose norm exceeds `OUTLIER_FACTOR` x the batch median
-    (further attention-sink tokens). Storing and reusing them is `auditui.workflows.reference`.
+    (further attention-sink tokens; `inliers(rows)`). Storing and reusing them is
+    `auditui.workflows.reference`.
 """
 
 from __future__ import annotations
@@ -197,6 +198,12 @@ def sequences_digest(seqs: list[TokenSeq]) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+def inliers(rows: Tensor) -> Tensor:
+    """Bool [N] of rows [N, width]: norm at most OUTLIER_FACTOR x the median norm (attention sinks out)."""
+    norms = rows.norm(dim=-1)  # [N]
+    return norms <= OUTLIER_FACTOR * norms.median() if len(rows) else torch.ones(0, dtype=torch.bool, device=rows.device)
+
+
 def mean_activations(lm: LoadedModel, seqs: list[TokenSeq], sites: list[Site], batch_size: int = 8,
                      progress: Progress = QUIET) -> tuple[dict[Site, Tensor], dict[Site, int]]:
     """ā per site [width] over counted, non-outlier positions; and the number of positions used."""
@@ -207,8 +214,7 @@ def mean_activations(lm: LoadedModel, seqs: list[TokenSeq], sites: list[Site], b
         counted = counted_mask(batch, ids.shape[1], lm.device)  # [B, T]
         for site in sites:
             rows = acts[site][counted]  # [N, width]
-            norms = rows.norm(dim=-1)
-            rows = rows[norms <= OUTLIER_FACTOR * norms.median()] if len(rows) else rows
+            rows = rows[inliers(rows)]
             sums[site] = sums.get(site, 0) + rows.double().sum(0)
             counts[site] += rows.shape[0]
         done += len(batch)

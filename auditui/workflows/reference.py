@@ -52,8 +52,9 @@ def session_sequences(store: Store, session_id: int) -> list[TokenSeq]:
     return seqs
 
 
-def _reference_texts(engine: Engine, store: Store, session_id: int, text_file: Path | None
-                     ) -> tuple[list[TokenSeq], dict]:
+def reference_texts(engine: Engine, store: Store, session_id: int, text_file: Path | None
+                    ) -> tuple[list[TokenSeq], dict]:
+    """The session's texts or a text file's windows, and their key {model_id, source, path, digest}."""
     if text_file is None:
         seqs = session_sequences(store, session_id)
         key = {"model_id": engine.lm.model_id, "source": "session", "path": "", "digest": sequences_digest(seqs)}
@@ -96,7 +97,7 @@ def reference_means(store: Store, engine: Engine, session_id: int, sites: list[S
                     text_file: Path | str | None = None, batch_size: int = 8,
                     progress: Progress = QUIET) -> Reference:
     """ā for each site: stored ones reused, missing ones computed in one pass and stored."""
-    seqs, key = _reference_texts(engine, store, session_id, Path(text_file) if text_file else None)
+    seqs, key = reference_texts(engine, store, session_id, Path(text_file) if text_file else None)
     reference = stored_means(store, session_id, key, engine.lm.device)
     missing = [site for site in dict.fromkeys(sites) if site not in reference.means]
     if not missing:
