@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import email.utils
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from auditui.errors import AuditError
 from auditui.progress import QUIET, Progress
 
 KEY_VARIABLES = ("AUDITUI_JUDGE_KEY", "OPENAI_API_KEY")
+BROKEN_AFTER = 3  # calls in a row without an answer: the judge is down, stop sending
+NOT_SENT = "not sent"
 MAX_CONCURRENCY = 64
 
 
@@ -66,6 +69,10 @@ class Call:
     @property
     def cancelled(self) -> bool:
         return self.error == "cancelled"
+
+    @property
+    def sent(self) -> bool:
+        return self.attempts > 0
 
 
 def _retry_after(exc: Exception) -> float | None:
@@ -137,14 +144,22 @@ class Judge:
         return Call(key, None, error, None, time.monotonic() - start, attempts)
 
     def ask_all(self, requests: list[tuple[Any, list[dict[str, str]]]], progress: Progress = QUIET) -> list[Call]:
-        """Every request, at most `concurrency` at once, in the given order; progress per answer."""
-        done = 0
+        """Every request, at most `concurrency` at once, in the given order; progress per answer.
+
+        After BROKEN_AFTER calls in a row got no answer (each after its retries), the judge is taken
+        as down: the requests not yet sent are not sent (Call.error says so, attempts 0)."""
+        done = failed_in_row = 0
         total = len(requests)
+        lock = threading.Lock()
 
         def one(request: tuple[Any, list[dict[str, str]]]) -> Call:
-            nonlocal done
+            nonlocal done, failed_in_row
+            if failed_in_row >= BROKEN_AFTER:
+                return Call(request[0], None, f"{NOT_SENT}: {BROKEN_AFTER} calls in a row got no answer", None, 0.0, 0)
             call = self.ask(*request, progress=progress)
-            done += 1  # only read for display; a lost increment under a race shows one step late
+            with lock:
+                failed_in_row = failed_in_row + 1 if call.raw is None and not call.cancelled else 0
+                done += 1
             progress.progress(done, total, "judge")
             return call
 

@@ -60,11 +60,17 @@ def _ids(ids: list[int]) -> str:
     return ", ".join(f"#{i}" for i in ids) or "-"
 
 
+def _used(data: dict, key: str, column: str) -> str:
+    """What the session's runs used (provenance `key`), else the session's `column`; "-" when neither tells."""
+    records = [run["provenance"] for run in data["runs"] if isinstance(run["provenance"], dict)]
+    return ", ".join(dict.fromkeys(str(p[key]) for p in records if p.get(key))) or data["session"][column] or "-"
+
+
 def _session_blocks(data: dict) -> list[Block]:
     s = data["session"]
     return [("h", 1, f"Session {s['id']}: {s['name']}"),
             ("ul", [f"created {_when(s['created'])}, updated {_when(s['updated'])}",
-                    f"model: {s['model_id'] or '-'}; SAE pack: {s['pack_id'] or '-'}",
+                    f"model: {_used(data, 'model_id', 'model_id')}; SAE pack: {_used(data, 'pack', 'pack_id')}",
                     f"{len(data['prompts'])} prompts, {sum(len(p['completions']) for p in data['prompts'])} "
                     f"completions, {len(data['pairs'])} pairs, {len(data['runs'])} runs"]
              + ([f"notes: {s['notes']}"] if s["notes"] else []))]
@@ -202,6 +208,9 @@ def _render(data: dict, fmt: str) -> str:
     return to_html(blocks, f"auditui session {data['session']['id']}: {data['session']['name']}")
 
 
+SVG_MARK = "<!-- auditui figure -->"
+
+
 def _is_report(path: Path, fmt: str) -> bool:
     """Whether an existing file is an earlier auditui export of format `fmt`."""
     head = path.read_bytes()[:4096]
@@ -212,6 +221,8 @@ def _is_report(path: Path, fmt: str) -> bool:
         return text.startswith(MD_MARK)
     if fmt == "html":
         return HTML_MARK in text
+    if fmt == "svg":
+        return text.startswith(SVG_MARK)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
@@ -219,9 +230,9 @@ def _is_report(path: Path, fmt: str) -> bool:
     return isinstance(data, dict) and JSON_KEYS <= set(data)
 
 
-def write_export(path: Path, text: str, fmt: str, database: Path) -> Path:
-    """Write a report to `path` through a temporary file and a rename. Never the session database,
-    never an SQLite file, and never over an existing file that is not an earlier export of `fmt`."""
+def check_export(path: Path, fmt: str, database: Path) -> Path:
+    """The resolved target if `path` may receive an export of `fmt` (see write_export); else AuditError.
+    Commands call it before long work, so a bad output path fails at once."""
     path = Path(path).expanduser()
     target = path.resolve()
     db = Path(database).expanduser().resolve()
@@ -231,6 +242,14 @@ def write_export(path: Path, text: str, fmt: str, database: Path) -> Path:
         raise AuditError(f"{path} is a folder; give a file name")
     if target.exists() and not _is_report(target, fmt):
         raise AuditError(f"{path} exists and is not an earlier auditui {fmt} report; choose another name")
+    return target
+
+
+def write_export(path: Path, text: str, fmt: str, database: Path) -> Path:
+    """Write a report to `path` through a temporary file and a rename. Never the session database,
+    never an SQLite file, and never over an existing file that is not an earlier export of `fmt`."""
+    path = Path(path).expanduser()
+    target = check_export(path, fmt, database)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")

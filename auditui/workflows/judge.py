@@ -7,7 +7,9 @@ Every call is stored in `judge_calls` (request id, latency, attempts, raw answer
 error). A text already answered by the same judge model under the same rubric digest (subjects
 included) is not sent again: its stored answer is re-read (counted as cached). An answer that
 cannot be parsed is *unscored*: it enters no mean and is counted in the failure rate beside every
-mean. Transport failures (after retries) are errors, stored, not cached.
+mean. Transport failures (after retries) are errors, stored, not cached; once the judge looks
+down (`client.BROKEN_AFTER` calls in a row unanswered) the texts not yet sent are errors too,
+without a call.
 
 Run kind "judge": params {judge, rubric, subjects, completion_ids, label_threshold}; result
 {judge, rubric, subjects, rows: [{completion_id, status, behaviour, coherence, values, perplexity,
@@ -24,15 +26,17 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from auditui.config import Settings
+from auditui.config import Settings, config_file
 from auditui.engine.metrics import completion_perplexity, repetition_rate
+from auditui.engine.model import convert_gguf, gguf_cache_dir, resolve_source
 from auditui.engine.reference import completion_sequence
 from auditui.errors import AuditError
 from auditui.judge.client import Judge, JudgeConfig
 from auditui.judge.parse import parse_answer
-from auditui.judge.rubrics import Rubric
+from auditui.judge.rubrics import Rubric, load_rubric, rubric_files
 from auditui.progress import QUIET, Progress
 from auditui.stats import agreement, mean_ci
 from auditui.store.database import PERSON
@@ -55,10 +59,40 @@ def judge_config(settings: Settings, base_url: str | None = None, model: str | N
     return config
 
 
+def local_judge_model_dir(settings: Settings, progress: Progress = QUIET) -> Path:
+    """A local directory (config.json + weights) of the settings' model for a judge server; a GGUF
+    (smollm2 included) is de-quantized into the cache once, as the engine does."""
+    kind, path = resolve_source(settings.model)
+    if kind == "dir" and path is not None:
+        return path
+    if kind == "gguf" and path is not None:
+        cached = gguf_cache_dir(path, settings.cache_path)
+        if not (cached / "auditui-source.json").exists():
+            convert_gguf(path, cached, progress)
+        return cached
+    raise AuditError(f"a local judge needs a local model (a directory, a .gguf file or smollm2), not {settings.model!r}")
+
+
+def rubric_folders() -> tuple[Path, ...]:
+    """The user's rubric folder (beside config.toml); its files override built-in rubrics of the same name."""
+    return (config_file().parent / "rubrics",)
+
+
+def known_rubrics() -> dict[str, Path]:
+    return rubric_files(rubric_folders())
+
+
 @dataclass(frozen=True)
 class Grading:
     rubric: Rubric
     subjects: tuple[str, ...] = ()
+
+    @classmethod
+    def named(cls, rubric: str, subjects: tuple[str, ...] = ()) -> Grading:
+        """A rubric by name (or a .toml file) with its subjects, checked."""
+        grading = cls(load_rubric(rubric, rubric_folders()), tuple(s.strip() for s in subjects if s.strip()))
+        grading.validate()
+        return grading
 
     def validate(self) -> None:
         self.rubric.check_subjects(self.subjects)
@@ -138,8 +172,9 @@ def grade(store: Store, session_id: int, judge: Judge, grading: Grading, items: 
     calls = judge.ask_all([(key, grading.rubric.messages(item.text, item.prompt, grading.subjects))
                            for key, item in ask.items()], progress)
     rows = []
+    unsent = {call.key: call.error for call in calls if not call.sent and not call.cancelled}
     for call in calls:
-        if call.cancelled:
+        if call.cancelled or not call.sent:
             continue
         parsed = parse_answer(call.raw, grading.rubric) if call.raw is not None else None
         status = "error" if parsed is None else ("scored" if parsed.scores is not None else "unscored")
@@ -156,8 +191,10 @@ def grade(store: Store, session_id: int, judge: Judge, grading: Grading, items: 
     for item in items:
         key = item.digest()
         stored, cached = (fresh.get(key), False) if key in ask else (by_digest[key], True)
-        result = Grade(item.completion_id, "cancelled") if stored is None else \
-            _stored_grade(grading.rubric, stored, item.completion_id, cached)
+        if stored is not None:
+            result = _stored_grade(grading.rubric, stored, item.completion_id, cached)
+        else:  # cancelled, or not sent because the judge was down
+            result = Grade(item.completion_id, "error" if key in unsent else "cancelled")
         tally.add(result)
         grades.append(result)
     return grades, tally

@@ -94,3 +94,15 @@ def test_the_key_comes_from_the_environment_and_is_never_in_a_call(monkeypatch) 
 def test_bad_settings_are_one_line(config: JudgeConfig, message: str) -> None:
     with pytest.raises(AuditError, match=message):
         Judge(config)
+
+
+def test_a_judge_that_is_down_is_not_asked_about_every_text() -> None:
+    from auditui.judge.client import BROKEN_AFTER
+
+    with Scripted([(200, {}, "ok")]) as server:
+        url = server.url
+    started = time.monotonic()
+    calls = judge(url, concurrency=1, retries=1).ask_all([(i, MESSAGES) for i in range(50)])
+    assert time.monotonic() - started < 10
+    assert all(c.raw is None for c in calls) and sum(c.sent for c in calls) == BROKEN_AFTER
+    assert "not sent" in calls[-1].error
