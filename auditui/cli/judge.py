@@ -5,7 +5,7 @@
     auditui judge serve [--port 8765] [--judge-model NAME] [--echo]   a local judge on loopback (llm-katan)
     auditui judge rubrics                                           the rubrics found, built-in and yours
     auditui sweep  <plan options> --prompt P --subject S --strength 2 --strength 4 [-n 8] [--band 8]
-                   [--direction toward|away] [--compare-layers] [--plot FILE.svg] [--json]
+                   [--direction toward|away] [--compare-layers] [--on audited|reference] [--plot FILE.svg] [--json]
     auditui validate --from-attribution RUN --prompt P --subject S [--k 10] [--strength 4] [--band 8]
 
 The judge is any OpenAI-compatible endpoint (`--judge-url`, else judge_base_url in the config or
@@ -52,6 +52,7 @@ from auditui.cli.plans import (
     LayerOpt,
     MaxNewOpt,
     ModeOpt,
+    OnOpt,
     OpOpt,
     PlanFileOpt,
     PromptOpt,
@@ -65,6 +66,7 @@ from auditui.cli.plans import (
     TopPOpt,
     plan_from,
     sampling_from,
+    steered_settings,
 )
 from auditui.errors import AuditError
 from auditui.text import visible
@@ -192,7 +194,7 @@ def sweep(prompt: PromptOpt, subject: SubjectOpt = None, rubric: RubricOpt = "be
           direction: Annotated[str, typer.Option("--direction", help="toward | away (b·c or (1-b)·c)")] = "toward",
           compare_layers: Annotated[bool, typer.Option("--compare-layers", help="single vs cumulative per layer")] = False,
           seed: SeedOpt = None, max_new_tokens: MaxNewOpt = 48, temperature: TemperatureOpt = 1.0, top_p: TopPOpt = 0.95,
-          raw: RawOpt = False, system: SystemOpt = None, plot: PlotOpt = None,
+          raw: RawOpt = False, system: SystemOpt = None, plot: PlotOpt = None, on: OnOpt = "audited",
           judge_url: UrlOpt = None, judge_model: JudgeModelOpt = None, concurrency: ConcurrencyOpt = 4,
           session: SessionOpt = None, model: ModelOpt = None, pack: PackOpt = None, sae: SaeOpt = None,
           device: DeviceOpt = None, dtype: DtypeOpt = None, db: DbOpt = None, as_json: JsonOpt = False) -> None:
@@ -207,11 +209,12 @@ def sweep(prompt: PromptOpt, subject: SubjectOpt = None, rubric: RubricOpt = "be
     judge = _judge(settings, judge_url, judge_model, concurrency)
     with open_store(db) as store:
         session_id = store.resolve_session(session)
+        settings = steered_settings(store, session_id, settings, on)
         plan = plan_from(store, session_id, plan_file, from_flow, from_attribution, top, from_set, features, op,
                          coefficient, mode, layer, schedule, end, alpha, fold, scope)
         request = SweepRequest(plan, prompt, grading, tuple(strength or (1.0, 2.0, 4.0, 8.0)), n,
                                sampling_from(temperature, top_p, max_new_tokens, raw, system), seed, band, direction,
-                               compare_layers, band_seed)
+                               compare_layers, band_seed, on)
         request.validate()  # before the model loads
         engine = engine_for(settings, sae)
         out = _run_output(store, sweep_workflow(store, engine, session_id, request, judge, Printer()), session_id)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
+    from auditui.config import Settings
     from auditui.engine.sampling import SamplingParams
     from auditui.engine.steering import SteeringPlan
     from auditui.store.database import Store
@@ -37,6 +38,7 @@ TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy
 TopPOpt = Annotated[float, typer.Option("--top-p")]
 RawOpt = Annotated[bool, typer.Option("--raw", help="no chat template")]
 SystemOpt = Annotated[str | None, typer.Option("--system", help="system prompt")]
+OnOpt = Annotated[str, typer.Option("--on", help="audited | reference: the model steered (the session's reference)")]
 
 
 def plan_from(store: Store, session_id: int, plan_file: Path | None, from_flow: int | None,
@@ -52,6 +54,16 @@ def plan_from(store: Store, session_id: int, plan_file: Path | None, from_flow: 
                                "fold": fold, "scope": scope}
     options.update({k: v for k, v in (("op", op), ("coefficient", coefficient)) if v is not None})
     return plan_for(store, session_id, source, **options)
+
+
+def steered_settings(store: Store, session_id: int, settings: Settings, on: str) -> Settings:
+    """The settings of the model `--on` names: the session's reference model keeps the same SAE sources,
+    attached to (and checked against) it."""
+    from auditui.workflows.diffing import session_reference
+    from auditui.workflows.steer import check_on
+
+    check_on(on)
+    return settings.with_overrides(model=session_reference(store, session_id)) if on == "reference" else settings
 
 
 def sampling_from(temperature: float, top_p: float, max_new_tokens: int, raw: bool, system: str | None) -> SamplingParams:

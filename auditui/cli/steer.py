@@ -15,8 +15,7 @@ names the reference model (it was checked against the audited model when it was 
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -37,71 +36,62 @@ from auditui.cli.common import (
     print_summary,
     settings_from,
 )
-from auditui.errors import AuditError
-
-STEERED = ("audited", "reference")
-
-
-def _plan_options(op: str | None, coefficient: float | None, mode: str, layer: int | None, schedule: str,
-                  end: float, alpha: float, fold: bool, scope: str) -> dict[str, Any]:
-    from auditui.engine.steering import Schedule
-
-    options: dict[str, Any] = {"mode": mode, "layer": layer, "schedule": Schedule(schedule, end, alpha),
-                               "fold": fold, "scope": scope}
-    options.update({k: v for k, v in (("op", op), ("coefficient", coefficient)) if v is not None})
-    return options
+from auditui.cli.plans import (
+    AlphaOpt,
+    CoefficientOpt,
+    EndOpt,
+    FeaturesOpt,
+    FoldOpt,
+    FromAttributionOpt,
+    FromFlowOpt,
+    FromSetOpt,
+    LayerOpt,
+    MaxNewOpt,
+    ModeOpt,
+    OnOpt,
+    OpOpt,
+    PlanFileOpt,
+    PromptOpt,
+    RawOpt,
+    ScheduleOpt,
+    ScopeOpt,
+    SeedOpt,
+    SystemOpt,
+    TemperatureOpt,
+    TopOpt,
+    TopPOpt,
+    plan_from,
+    sampling_from,
+    steered_settings,
+)
 
 
 @app.command()
-def steer(prompt: Annotated[str, typer.Option("--prompt", help="the user prompt to steer")],
-          plan_file: Annotated[Path | None, typer.Option("--plan", help="a steering plan JSON file")] = None,
-          from_flow: Annotated[int | None, typer.Option("--from-flow", help="a flow run id")] = None,
-          from_attribution: Annotated[int | None, typer.Option("--from-attribution", help="an attribution run id")] = None,
-          top: Annotated[int, typer.Option("--top", help="latents of the attribution run, together")] = 10,
-          from_set: Annotated[bool, typer.Option("--from-set", help="the session's steering set")] = False,
-          features: Annotated[str | None, typer.Option("--features", help="FEATURE:OP:COEF, comma-separated")] = None,
-          op: Annotated[str | None, typer.Option("--op", help="add | rescale | clamp | mean_ablate")] = None,
-          coefficient: Annotated[float | None, typer.Option("--coefficient", help="per feature (builders)")] = None,
-          mode: Annotated[str, typer.Option("--mode", help="cumulative | single")] = "cumulative",
-          layer: Annotated[int | None, typer.Option("--layer", help="l: the single layer / the last one")] = None,
-          schedule: Annotated[str, typer.Option("--schedule", help="constant | linear | exponential")] = "constant",
-          end: Annotated[float, typer.Option("--end", help="linear: s* at l_end")] = 1.0,
-          alpha: Annotated[float, typer.Option("--alpha", help="exponential: s·e^(α·l)")] = -0.05,
-          fold: Annotated[bool, typer.Option("--fold", help="fold add/clamp by typical activations")] = False,
-          scope: Annotated[str, typer.Option("--scope", help="all | prompt | generated tokens")] = "all",
+def steer(prompt: PromptOpt, plan_file: PlanFileOpt = None, from_flow: FromFlowOpt = None,
+          from_attribution: FromAttributionOpt = None, top: TopOpt = 10, from_set: FromSetOpt = False,
+          features: FeaturesOpt = None, op: OpOpt = None, coefficient: CoefficientOpt = None, mode: ModeOpt = "cumulative",
+          layer: LayerOpt = None, schedule: ScheduleOpt = "constant", end: EndOpt = 1.0, alpha: AlphaOpt = -0.05,
+          fold: FoldOpt = False, scope: ScopeOpt = "all",
           strength: Annotated[list[float] | None, typer.Option("--strength", help="repeatable; default 1")] = None,
           n: Annotated[int, typer.Option("-n", help="samples per strength (and unsteered)")] = 4,
-          seed: Annotated[int | None, typer.Option("--seed", help="sample i gets seed+i (default random)")] = None,
-          max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 48,
-          temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy")] = 1.0,
-          top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
-          raw: Annotated[bool, typer.Option("--raw", help="no chat template")] = False,
-          system: Annotated[str | None, typer.Option("--system", help="system prompt")] = None,
+          seed: SeedOpt = None, max_new_tokens: MaxNewOpt = 48, temperature: TemperatureOpt = 1.0, top_p: TopPOpt = 0.95,
+          raw: RawOpt = False, system: SystemOpt = None,
           batch_size: Annotated[int | None, typer.Option("--batch-size", help="rows per batch (default all)")] = None,
-          on: Annotated[str, typer.Option("--on", help="audited | reference: the model steered (the session's reference)")]
-          = "audited",
+          on: OnOpt = "audited",
           session: SessionOpt = None, model: ModelOpt = None, pack: PackOpt = None, sae: SaeOpt = None,
           device: DeviceOpt = None, dtype: DtypeOpt = None, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Sample a prompt without and with a steering plan (one batch per strength grid)."""
-    from auditui.engine.sampling import SamplingParams
-    from auditui.workflows.diffing import session_reference
-    from auditui.workflows.steer import PlanSource, SteerRequest, plan_for
+    from auditui.workflows.steer import SteerRequest
     from auditui.workflows.steer import steer as steer_workflow
 
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
-    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                            chat=False if raw else None, system=system)
-    source = PlanSource(file=str(plan_file) if plan_file else None, flow_run=from_flow,
-                        attribution_run=from_attribution, top=top, steering_set=from_set, typed=features)
-    if on not in STEERED:
-        raise AuditError(f"--on takes {' or '.join(STEERED)}, not {on!r}")
     with open_store(db) as store:
         session_id = store.resolve_session(session)
-        if on == "reference":  # the same SAE sources, attached to (and checked against) the reference model
-            settings = settings.with_overrides(model=session_reference(store, session_id))
-        plan = plan_for(store, session_id, source,
-                        **_plan_options(op, coefficient, mode, layer, schedule, end, alpha, fold, scope))
-        request = SteerRequest(plan, prompt, tuple(strength or [1.0]), n, params, seed, batch_size)
+        settings = steered_settings(store, session_id, settings, on)
+        plan = plan_from(store, session_id, plan_file, from_flow, from_attribution, top, from_set, features, op,
+                         coefficient, mode, layer, schedule, end, alpha, fold, scope)
+        request = SteerRequest(plan, prompt, tuple(strength or [1.0]), n,
+                               sampling_from(temperature, top_p, max_new_tokens, raw, system), seed, batch_size, on)
         request.validate()  # before the model loads
         engine = engine_for(settings, sae)
         run = store.run(steer_workflow(store, engine, session_id, request, Printer()))

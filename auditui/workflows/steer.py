@@ -53,6 +53,12 @@ if TYPE_CHECKING:
 
 STEER_KIND = "steer"
 MAX_ROWS = 512  # strengths x samples of one request
+MODELS = ("audited", "reference")  # the model a steering run samples (the session's reference model: toward)
+
+
+def check_on(on: str) -> None:
+    if on not in MODELS:
+        raise AuditError(f"--on takes {' or '.join(MODELS)}, not {on!r}")
 
 
 @dataclass(frozen=True)
@@ -118,8 +124,10 @@ class SteerRequest:
     params: SamplingParams = SamplingParams()
     seed: int | None = None
     batch_size: int | None = None  # None: all rows in one batch
+    on: str = "audited"  # or "reference": the engine given is the session's reference model
 
     def validate(self) -> None:
+        check_on(self.on)
         if not self.prompt.strip():
             raise AuditError("type a prompt to steer")
         if not self.strengths:
@@ -176,16 +184,21 @@ def steering_inputs(store: Store, engine: Engine, session_id: int, plans: list[S
 
 
 def store_samples(store: Store, engine: Engine, prompt_id: int, run_id: int, plan: SteeringPlan,
-                  samples: list[SteeredSample], params: dict, tag: dict | None = None) -> list[int | None]:
-    """Store a plan's samples (cancelled ones as None): unsteered ones as ordinary completions, steered
-    ones with intervention {plan, strength, run_id, **tag}."""
+                  samples: list[SteeredSample], params: dict, tag: dict | None = None,
+                  on: str = "audited") -> list[int | None]:
+    """Store a plan's samples (cancelled ones as None): unsteered ones of the audited model as ordinary
+    completions; steered ones with intervention {plan, strength, run_id, **tag}. Every sample of the
+    reference model carries an intervention ({"plan": None, ...} unsteered, with "model": "reference"),
+    so none enters the audited model's pairs, texts or reference means."""
     ids: list[int | None] = []
+    extra = {**(tag or {}), **({"model": "reference"} if on == "reference" else {})}
     for sample in samples:
         if sample.finish_reason == "cancelled":
             ids.append(None)
             continue
-        intervention = None if sample.strength is None else {"plan": plan.to_dict(), "strength": sample.strength,
-                                                              "run_id": run_id, **(tag or {})}
+        steered = sample.strength is not None
+        intervention = {"plan": plan.to_dict() if steered else None, "strength": sample.strength, "run_id": run_id,
+                        **extra} if steered or on == "reference" else None
         ids.append(store.add_completion(prompt_id, sample.text, sample.token_ids, sample.seed, params,
                                         model_id=engine.lm.model_id, finish_reason=sample.finish_reason,
                                         intervention=intervention, run_id=run_id))
@@ -202,7 +215,8 @@ def steer(store: Store, engine: Engine, session_id: int, request: SteerRequest, 
     seed = random_seed() if request.seed is None else request.seed
     stored = {**asdict(request.params), "chat": chat}
     params = {"plan": plan.to_dict(), "prompt": request.prompt, "strengths": list(request.strengths), "n": request.n,
-              "params": stored, "seed": seed, "batch_size": request.batch_size}
+              "params": stored, "seed": seed, "batch_size": request.batch_size, "on": request.on,
+              "model_id": lm.model_id}
     seeds = [seed + i for i in range(request.n)]
     with recorded_run(store, session_id, STEER_KIND, params, provenance(lm, engine, sites, seeds)) as run:
         inputs = steering_inputs(store, engine, session_id, [plan], progress)
@@ -210,7 +224,7 @@ def steer(store: Store, engine: Engine, session_id: int, request: SteerRequest, 
                                replace(request.params, chat=chat), seed, inputs.typical, inputs.means,
                                request.batch_size, progress)
         prompt_id = store.add_prompt(session_id, request.prompt, prompt_ids, system=request.params.system, chat=chat)
-        ids = store_samples(store, engine, prompt_id, run.run_id, plan, done.samples, stored)
+        ids = store_samples(store, engine, prompt_id, run.run_id, plan, done.samples, stored, on=request.on)
         result = {**done.to_dict(), "prompt_id": prompt_id, "completion_ids": ids, "notes": inputs.notes}
         (run.partial if None in ids or len(ids) < request.n * (len(request.strengths) + 1) else run.done)(
             result, _summary(result))

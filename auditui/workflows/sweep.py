@@ -35,7 +35,7 @@ from auditui.progress import QUIET, Progress
 from auditui.stats import band, mean_ci
 from auditui.workflows.judge import Grade, Grading, Item, Tally, grade, text_metrics
 from auditui.workflows.runs import provenance, recorded_run
-from auditui.workflows.steer import steering_inputs, store_samples
+from auditui.workflows.steer import check_on, steering_inputs, store_samples
 
 if TYPE_CHECKING:
     from auditui.engine import Engine
@@ -60,6 +60,7 @@ class SweepRequest:
     direction: str = "toward"
     compare_layers: bool = False
     band_seed: int = 0
+    on: str = "audited"  # or "reference": the engine given is the session's reference model (steer toward)
 
     @property
     def grid(self) -> list[float]:
@@ -78,6 +79,7 @@ class SweepRequest:
 
     def validate(self) -> None:
         self.grading.validate()
+        check_on(self.on)
         if not self.prompt.strip():
             raise AuditError("type a prompt to sweep")
         if not self.grid:
@@ -143,6 +145,7 @@ class Batch:
     n: int
     strengths: list[float]  # steered strengths, 0 excluded
     plans: list[tuple[str, SteeringPlan]]  # (group label, plan); "band i" labels mark random plans
+    on: str = "audited"
 
     @property
     def rows(self) -> int:
@@ -170,7 +173,7 @@ def sample_and_grade(store: Store, engine: Engine, session_id: int, run_id: int,
         done = steered_samples(engine.lm, engine.bank, batch.prompt_ids, plan, batch.strengths, batch.n, batch.params,
                                batch.seed, inputs.typical, inputs.means, None, progress, unsteered=index == 0)
         tag = {"band": int(group.split()[1])} if group.startswith("band ") else {"curve": group}
-        ids = store_samples(store, engine, prompt_id, run_id, plan, done.samples, stored, tag)
+        ids = store_samples(store, engine, prompt_id, run_id, plan, done.samples, stored, tag, batch.on)
         rows += [("unsteered" if s.strength is None else group, 0.0 if s.strength is None else s.strength, s, pk)
                  for s, pk in zip(done.samples, ids, strict=True)]
         if any(pk is None for pk in ids):
@@ -209,10 +212,11 @@ def sweep(store: Store, engine: Engine, session_id: int, request: SweepRequest, 
     record = {"plan": request.plan.to_dict(), "prompt": request.prompt, "strengths": [0.0, *request.grid],
               "n": request.n, "params": asdict(params), "seed": seed, "band": request.band,
               "band_seed": request.band_seed, "direction": request.direction, "compare_layers": request.compare_layers,
-              "judge": judge.config.describe(), "rubric": request.grading.describe()}
+              "judge": judge.config.describe(), "rubric": request.grading.describe(), "on": request.on,
+              "model_id": engine.lm.model_id}
     seeds = [seed + i for i in range(request.n)]
     with recorded_run(store, session_id, SWEEP_KIND, record, provenance(engine.lm, engine, sites, seeds)) as run:
-        batch = Batch(request.prompt, prompt_ids, params, seed, request.n, request.grid, curves + band_plans)
+        batch = Batch(request.prompt, prompt_ids, params, seed, request.n, request.grid, curves + band_plans, request.on)
         graded = sample_and_grade(store, engine, session_id, run.run_id, batch, request.grading, judge, progress)
         result = summarise(graded.texts, request, [label for label, _ in curves], [p for _, p in band_plans], seeds)
         result.update(graded_record(graded, judge, request.grading))

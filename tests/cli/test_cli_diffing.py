@@ -139,3 +139,9 @@ def test_steer_on_the_reference_model(db, models):
     assert reference_run["provenance"]["saes"] == audited_run["provenance"]["saes"]  # the same SAE
     rows = store.completions_by_ids(on_reference["result"]["completion_ids"])
     assert {r["model_id"] for r in rows} == {"tiny-gpt2"}
+    # the reference model's samples, unsteered ones included, stay out of the audited model's data
+    assert all(r["intervention"]["model"] == "reference" for r in rows)
+    assert [r["intervention"]["plan"] is None for r in rows] == [True, True, False, False]
+    assert reference_run["params"]["on"] == "reference" and audited_run["params"]["on"] == "audited"
+    unsteered_ids = {c["id"] for c in store.completions(session_id=1, steered=False)}
+    assert unsteered_ids.isdisjoint(r["id"] for r in rows)
