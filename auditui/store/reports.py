@@ -30,8 +30,10 @@ HTML_MARK = '<meta name="generator" content="auditui">'
 JSON_KEYS = {"session", "prompts", "pairs", "features", "runs"}
 SQLITE_HEADER = b"SQLite format 3\x00"
 
-# A block is ("h", level, text) | ("p", text) | ("pre", text) | ("table", columns, rows) | ("ul", items).
+# A block is ("h", level, text) | ("p", text) | ("pre", text) | ("table", columns, rows) | ("ul", items)
+# | ("figure", kind, result): a run's curves, drawn as inline SVG in HTML (store.plots), named in Markdown.
 Block = tuple
+FIGURES = ("sweep", "validate")  # run kinds drawn as figures (their results are read for every format)
 
 
 def session_data(store: Store, session_id: int, results: bool = False) -> dict:
@@ -39,7 +41,8 @@ def session_data(store: Store, session_id: int, results: bool = False) -> dict:
     completions = store.completions(session_id)
     prompts = [{**prompt, "completions": [c for c in completions if c["prompt_id"] == prompt["id"]]}
                for prompt in store.prompts(session_id)]
-    runs = [{key: value for key, value in run.items() if results or key != "result"} for run in store.runs(session_id)]
+    runs = [{key: value for key, value in run.items() if results or key != "result" or run["kind"] in FIGURES}
+            for run in store.runs(session_id)]
     return {"session": store.session(session_id), "prompts": prompts, "pairs": store.pairs(session_id),
             "features": store.features(session_id), "runs": runs}
 
@@ -66,13 +69,23 @@ def _used(data: dict, key: str, column: str) -> str:
     return ", ".join(dict.fromkeys(str(p[key]) for p in records if p.get(key))) or data["session"][column] or "-"
 
 
+def _judges(data: dict) -> str:
+    """Every judge that graded in the session, as model at URL."""
+    judges = [run["params"]["judge"] for run in data["runs"] if isinstance(run["params"], dict)
+              and isinstance(run["params"].get("judge"), dict)]
+    return ", ".join(dict.fromkeys(f"{j.get('model')} at {j.get('base_url')}" for j in judges))
+
+
 def _session_blocks(data: dict) -> list[Block]:
     s = data["session"]
+    judges = _judges(data)
     return [("h", 1, f"Session {s['id']}: {s['name']}"),
             ("ul", [f"created {_when(s['created'])}, updated {_when(s['updated'])}",
                     f"model: {_used(data, 'model_id', 'model_id')}; SAE pack: {_used(data, 'pack', 'pack_id')}",
                     f"{len(data['prompts'])} prompts, {sum(len(p['completions']) for p in data['prompts'])} "
                     f"completions, {len(data['pairs'])} pairs, {len(data['runs'])} runs"]
+             + ([f"reference model: {s['reference_model']}"] if s.get("reference_model") else [])
+             + ([f"LLM judges: {judges}"] if judges else [])
              + ([f"notes: {s['notes']}"] if s["notes"] else []))]
 
 
@@ -107,6 +120,8 @@ def _run_blocks(run: dict) -> list[Block]:
                        [[_cell(v) for v in row] for row in table.get("rows", [])]))
     if summary.get("notes"):
         blocks.append(("ul", [_cell(note) for note in summary["notes"]]))
+    if run["kind"] in FIGURES and isinstance(run.get("result"), dict) and run["result"].get("band"):
+        blocks.append(("figure", run["kind"], run["result"]))
     if run["params"]:
         blocks += [("p", "Parameters:"), ("pre", json.dumps(run["params"], indent=2, default=str))]
     return blocks
@@ -149,6 +164,9 @@ def to_markdown(blocks: list[Block]) -> str:
             parts.append(_fence(visible(block[1])))
         elif kind == "ul":
             parts.append("\n".join(f"- {md_inline(item)}" for item in block[1]))
+        elif kind == "figure":
+            parts.append(md_inline(f"(the {block[1]} curves are drawn in the HTML report; their numbers are in "
+                                   "the table above and the JSON export)"))
         else:
             columns, rows = block[1], block[2]
             lines = ["| " + " | ".join(map(md_inline, columns)) + " |", "|" + "---|" * len(columns)]
@@ -177,6 +195,10 @@ def to_html(blocks: list[Block], title: str) -> str:
             parts.append(f"<pre>{esc(block[1])}</pre>")
         elif kind == "ul":
             parts.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in block[1]) + "</ul>")
+        elif kind == "figure":  # SVG drawn by matplotlib from numbers and auditui's own labels (it escapes text)
+            from auditui.store.plots import sweep_svg, validate_svg
+
+            parts.append(f"<figure>{(sweep_svg if block[1] == 'sweep' else validate_svg)(block[2])}</figure>")
         else:
             head = "".join(f"<th>{esc(c)}</th>" for c in block[1])
             body = "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in block[2])

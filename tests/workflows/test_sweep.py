@@ -180,3 +180,22 @@ def test_validation_steers_each_top_latent_alone_against_random_latents(setup):
     for name in ("attribution", "activation"):
         assert counts[name]["toward"] == sum(bool(r["toward"]["leaves_band"]) for r in result["sets"][name])
     assert "leaving the random band" in run["summary"]["headline"]
+
+
+def test_reports_draw_the_sweep_and_name_the_judge(setup):
+    import xml.etree.ElementTree as ElementTree
+
+    from auditui.store.reports import render_reports
+
+    store, engine, session_id = setup
+    plan = plan_for(store, session_id, PlanSource(typed="2/resid_post/5:add:1"))
+    request = SweepRequest(plan, "Once", GRADING, strengths=(20,), n=2, params=GREEDYISH, seed=5, band=2)
+    with Scripted([answer]) as server:
+        run_id = sweep(store, engine, session_id, request, Judge(JudgeConfig(server.url, "rule")))
+        url = server.url
+    reports = render_reports(store, session_id)
+    svg = reports["html"].split("<figure>")[1].split("</figure>")[0]
+    ElementTree.fromstring(svg.split("\n", 1)[1])  # the inline SVG is well-formed
+    assert reports["html"].count("<figure>") == 1 and "random latents 5-95%" in svg
+    assert f"LLM judges: rule at {url}" in reports["md"] and "sweep curves are drawn in the HTML report" in reports["md"]
+    assert json.loads(reports["json"])["runs"][-1]["result"] == store.run(run_id)["result"]
