@@ -14,49 +14,26 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from auditui.judge.local import free_port, katan_args, serving
+
 DROP = "drop"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
 def katan(tmp: Path, **flags: object) -> Iterator[str]:
     """Base URL (…/v1) of an llm-katan echo server with the given flags (latency_ms=..., error_rate=...)."""
     port = free_port()
-    args = [str(Path(sys.executable).with_name("llm-katan")), "--model", "echo-judge", "--backend", "echo",
-            "--host", "127.0.0.1", "--port", str(port), "--stats-file", str(tmp / f"katan-{port}.json"),
-            "--disable-dashboard", "--log-level", "WARNING", "--max-concurrent", "16"]
-    for key, value in flags.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("llm-katan did not start") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    args = katan_args("echo-judge", "echo-judge", port, backend="echo", stats_file=tmp / f"katan-{port}.json",
+                      max_concurrent=16, **flags)
+    with serving(args, port, timeout=30) as url:
+        yield url
 
 
 def requests(base_url: str) -> int:

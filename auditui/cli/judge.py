@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -159,17 +158,15 @@ def serve(port: Annotated[int, typer.Option("--port", help="loopback port")] = D
           echo: Annotated[bool, typer.Option("--echo", help="llm-katan's echo backend (no model; tests)")] = False,
           model: ModelOpt = None, device: DeviceOpt = None, dtype: DtypeOpt = None) -> None:
     """Serve a local model as an OpenAI-compatible judge on 127.0.0.1 (llm-katan, transformers backend)."""
+    from auditui.judge.local import katan_args
     from auditui.workflows.judge import local_judge_model_dir
 
     settings = settings_from(model=model, device=device, dtype=dtype)
     name = judge_model or ("echo" if echo else "local-judge")
     source = "echo" if echo else str(local_judge_model_dir(settings, Printer()))
-    katan = Path(sys.executable).with_name("llm-katan")
-    if not katan.exists():
-        raise AuditError("llm-katan is not installed here: pip install 'auditui[judge]' (scripts/setup.sh does)")
-    args = [str(katan), "--model", source, "--served-model-name", name, "--backend", "echo" if echo else "transformers",
-            "--host", "127.0.0.1", "--port", str(port), "--no-quantize", "--disable-dashboard", "--log-level", "WARNING",
-            "--device", "cuda" if settings.device.startswith("cuda") else "cpu"]
+    args = katan_args(source, name, port, "echo" if echo else "transformers",
+                      "cuda" if settings.device.startswith("cuda") else "cpu",
+                      stats_file=settings.cache_path / "judge-server-stats.json")
     typer.echo(f"judge: http://127.0.0.1:{port}/v1 model {visible(name)} (Ctrl-C stops); use it with\n"
                f"  export AUDITUI_JUDGE_BASE_URL=http://127.0.0.1:{port}/v1 AUDITUI_JUDGE_MODEL={visible(name)}", err=True)
     try:
