@@ -99,7 +99,52 @@ async def wait_idle(app, pilot, timeout: float = 60.0) -> None:
     await pilot.pause()
 
 
+async def press_when(pilot, event, *keys: str) -> None:
+    """Press `keys` once the threading.Event `event` is set (e.g. a step is busy on the engine thread)."""
+    for _ in range(400):
+        if event.is_set():
+            break
+        await pilot.pause(0.05)
+    assert event.is_set()
+    await pilot.press(*keys)
+
+
 def cells(table) -> list[list[str]]:
     return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
 
 
+
+
+# -- the slow tier on SmolLM2 ----------------------------------------------------------------------
+def user_pack(names=("demo", "late", "quick")):
+    """The first pack of `names` built in the user's real cache (tests otherwise get an empty one)."""
+    from pathlib import Path
+
+    from platformdirs import user_cache_dir
+
+    from auditui.engine.saes import resolve_pack_dir
+    from auditui.errors import AuditError
+
+    for name in names:
+        try:
+            return resolve_pack_dir(name, Path(user_cache_dir("auditui")))
+        except AuditError:
+            continue
+    raise AssertionError("build a pack first: auditui pack build demo (or: pack build late --quick --layers 28-29)")
+
+
+def word_family(tokens: list[str]) -> set[str]:
+    """The top token's word family: the logit-lens tokens that share its first four letters."""
+    words = [t.strip().lower() for t in tokens]
+    if len(words[0]) < 4 or not words[0].isalpha():
+        return set()
+    return {w for w in words if w.startswith(words[0][:4])}
+
+
+def word_family_latent(lm, bank, site) -> tuple[int, set[str]]:
+    """The latent of `site` whose logit-lens tokens form the largest word family, and that family."""
+    from auditui.engine.labels import logit_lens_tokens
+
+    families = [word_family(tokens) for tokens in logit_lens_tokens(lm, bank.output_decoder(site), k=8)]
+    latent = max(range(len(families)), key=lambda i: len(families[i]))
+    return latent, families[latent]

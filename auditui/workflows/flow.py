@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from auditui.engine.deactivation import deactivation_summary, deactivation_test
 from auditui.engine.flow import FlowGraph, Thresholds, build_flow_graph, graph_summary, text_ids
 from auditui.errors import AuditError
+from auditui.text import visible
 from auditui.workflows.runs import provenance, recorded_run
 
 if TYPE_CHECKING:
@@ -101,7 +102,12 @@ def deactivate(engine: Engine, request: DeactivateRequest) -> dict:
 
 def record_deactivation(store: Store, engine: Engine, session_id: int, request: DeactivateRequest,
                         result: dict) -> int:
-    """Store a deactivation test's result as a run (params name the resolved token); its id."""
+    """Store a deactivation test's result as a run (params name the resolved token); its id. A test
+    whose target does not fire at the token measured nothing: it is refused, not stored as done."""
+    if not result["active"]:
+        raise AuditError(f"{result['target']} is inactive at token {result['token']} "
+                         f"({visible(result['token_text'])!r}): nothing to deactivate, nothing stored; "
+                         "pick a token where it fires")
     params = _params(engine, feature=result["target"], text=request.text, chat=request.chat, token=result["token"],
                      r=request.r, seed=request.seed)
     return _record(store, engine, session_id, DEACTIVATION_KIND, params, result, deactivation_summary(result))

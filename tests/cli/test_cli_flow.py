@@ -115,6 +115,14 @@ def test_flow_deactivate_json_and_tables(tiny_models, tiny_packs, tmp_path):
                               str(tiny_packs["qwen2"]), "--feature", "2/resid_post/1", "--text", TEXT,
                               "--token", "500"])
     assert bad.exit_code == 2 and "outside the text" in bad.stderr
+    codes = bank.sae(site).encode(hooks.acts[site][0, -1])
+    silent = int((codes == 0).nonzero()[0, 0])  # a TopK SAE: most latents are silent at a token
+    before = len(Store(db).runs(session))
+    inactive = runner.invoke(app, ["flow", "deactivate", "--model", str(tiny_models["qwen2"]), "--pack",
+                                   str(tiny_packs["qwen2"]), "--feature", f"2/resid_post/{silent}", "--text", TEXT,
+                                   "--db", str(db)])
+    assert inactive.exit_code == 2 and "is inactive at token" in inactive.stderr  # refused, nothing stored
+    assert len(Store(db).runs(session)) == before
 
     tables = runner.invoke(app, ["flow", "tables", "--model", str(tiny_models["qwen2"]), "--pack",
                                  str(tiny_packs["qwen2"]), "--json"])

@@ -14,44 +14,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import user_pack, word_family_latent
 from platformdirs import user_cache_dir
 
-from auditui.engine.labels import logit_lens_tokens
 from auditui.engine.reference import TokenSeq, read_sites
-from auditui.engine.saes import SAEBank, resolve_pack_dir
+from auditui.engine.saes import SAEBank
 from auditui.engine.sampling import SamplingParams
 from auditui.engine.steering import parse_plan, steered_samples, typical_activations
-from auditui.errors import AuditError
 
 PROMPTS = ["Tell me about your day.", "Write a short note to a friend.", "What should I cook tonight?"]
 STRENGTHS = [0.0, 2.0, 4.0, 8.0]
 
 
-def _family(tokens: list[str]) -> set[str]:
-    """The top token's word family: the logit-lens tokens that share its first four letters."""
-    words = [t.strip().lower() for t in tokens]
-    if len(words[0]) < 4 or not words[0].isalpha():
-        return set()
-    return {w for w in words if w.startswith(words[0][:4])}
-
-
 @pytest.mark.slow
 def test_smollm2_adding_a_word_family_latent_raises_its_frequency_monotonically(smollm2):
-    cache = Path(user_cache_dir("auditui"))  # the user's real cache (tests otherwise get an empty one)
-    pack = None
-    for name in ("demo", "late", "quick"):
-        try:
-            pack = resolve_pack_dir(name, cache)
-            break
-        except AuditError:
-            continue
-    assert pack is not None, "build a pack first: auditui pack build demo (or: pack build quick --quick)"
+    pack = user_pack()
+    cache = Path(user_cache_dir("auditui"))
     bank = SAEBank.from_specs([str(pack)], cache, device=smollm2.device, model=smollm2.model).attach(smollm2)
     site = max(s for s in bank.sites if s.kind == "resid_post")
-    lens = logit_lens_tokens(smollm2, bank.output_decoder(site), k=8)
-    families = [_family(tokens) for tokens in lens]
-    latent = max(range(len(families)), key=lambda i: len(families[i]))
-    family = families[latent]
+    latent, family = word_family_latent(smollm2, bank, site)
     assert len(family) >= 2, "no latent with a word family"
     seqs = [TokenSeq(tuple(ids), len(ids)) for ids in (smollm2.prompt_ids(p) for p in PROMPTS)]
     acts = torch.cat([a[site][b, 1:len(s)] for batch, _, a in read_sites(smollm2, seqs, [site])

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from auditui.cli import app as cli
 from auditui.config import load_settings
+from auditui.engine.sites import Site
 from auditui.store import Store
 from auditui.tui.app import AuditApp
 from auditui.tui.screens.attribution import AttributionScreen
@@ -23,7 +24,6 @@ from auditui.tui.screens.samples import SamplesScreen
 
 PROMPT = "Tell me about rivers"
 TEXT = "The cat sat on the mat."
-FEATURE = "2/resid_post/5"
 
 
 def _stored(db) -> list[tuple]:
@@ -31,22 +31,34 @@ def _stored(db) -> list[tuple]:
     return [tuple(run[k] for k in keys) for run in Store(db).runs(Store(db).latest_session_id())]
 
 
-def _cli_audit(db, model, pack) -> None:
+def _firing(model, pack) -> str:
+    """The latent of 2/resid_post that fires most at TEXT's last token (a deactivation test of a
+    silent latent is refused, not stored)."""
+    from auditui.workflows.engine import open_engine
+    from auditui.workflows.flow import DeactivateRequest, deactivate
+
+    engine = open_engine(load_settings(model=str(model), pack=str(pack)))
+    best = max(range(engine.bank.sae(Site(2, "resid_post")).cfg.d_sae),
+               key=lambda i: deactivate(engine, DeactivateRequest(f"2/resid_post/{i}", TEXT))["z_old"])
+    return f"2/resid_post/{best}"
+
+
+def _cli_audit(db, model, pack, feature: str) -> None:
     runner = CliRunner()
     common = ["--db", str(db), "--model", str(model), "--pack", str(pack)]
     steps = [["session", "new", "same", "--db", str(db)],
              ["sample", "--prompt", PROMPT, "-n", "4", "--seed", "7", "--max-new-tokens", "8", *common],
              ["label", "1", "pos", "--db", str(db)], ["label", "2", "neg", "--db", str(db)],
              ["attribute", "--site", "2/resid_post", "--top", "5", *common],
-             ["flow", "--feature", FEATURE, *common],
-             ["flow", "--feature", FEATURE, "--t-res", "-1", *common],
-             ["flow", "deactivate", "--feature", FEATURE, "--text", TEXT, "--token", "-1", *common]]
+             ["flow", "--feature", feature, *common],
+             ["flow", "--feature", feature, "--t-res", "-1", *common],
+             ["flow", "deactivate", "--feature", feature, "--text", TEXT, "--token", "-1", *common]]
     for args in steps:
         result = runner.invoke(cli, args)
         assert result.exit_code == 0, (args, result.output)
 
 
-async def _tui_audit(db, model, pack) -> None:
+async def _tui_audit(db, model, pack, feature: str) -> None:
     app = AuditApp(load_settings(model=str(model), pack=str(pack), db=str(db)))
     async with app.run_test(size=SIZE) as pilot:
         await wait_idle(app, pilot)
@@ -68,12 +80,12 @@ async def _tui_audit(db, model, pack) -> None:
         app.screen.query_one("#param-top").value = "5"
         await pilot.press("ctrl+r")
         await wait_idle(app, pilot)
-        app.push_screen(FlowScreen(session_id, FEATURE))  # builds at once with the default thresholds
+        app.push_screen(FlowScreen(session_id, feature))  # builds at once with the default thresholds
         await wait_idle(app, pilot)
         app.screen.query_one("#param-t_R").value = "-1"
         app.screen.action_build()
         await wait_idle(app, pilot)
-        app.screen.query_one("#layers").move_cursor(row=app.screen.query_one("#layers").get_row_index(FEATURE))
+        app.screen.query_one("#layers").move_cursor(row=app.screen.query_one("#layers").get_row_index(feature))
         await pilot.press("x")
         await wait_idle(app, pilot)  # the dialog opens once it knows where the feature fires
         app.screen.query_one("#field-0").value = TEXT  # a typed text instead of the session's
@@ -84,8 +96,9 @@ async def _tui_audit(db, model, pack) -> None:
 
 async def test_cli_and_tui_store_identical_runs(tmp_path, tiny_models, tiny_packs):
     model, pack = tiny_models["llama"], tiny_packs["llama"]
-    _cli_audit(tmp_path / "cli.db", model, pack)
-    await _tui_audit(tmp_path / "tui.db", model, pack)
+    feature = _firing(model, pack)
+    _cli_audit(tmp_path / "cli.db", model, pack, feature)
+    await _tui_audit(tmp_path / "tui.db", model, pack, feature)
     cli_runs, tui_runs = _stored(tmp_path / "cli.db"), _stored(tmp_path / "tui.db")
     kinds = [run[0] for run in cli_runs]
     assert kinds == ["sample", "attribution", "reference_mean", "flow", "flow", "deactivation"]
