@@ -16,7 +16,6 @@ Every result says which judge graded, and the share of texts it could not score.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Annotated
 
@@ -67,7 +66,6 @@ from auditui.cli.plans import (
     sampling_from,
     steered_settings,
 )
-from auditui.errors import AuditError
 from auditui.text import visible
 
 judge_app = typer.Typer(help="grade texts with an LLM judge; serve a local one", no_args_is_help=True)
@@ -169,12 +167,8 @@ def serve(port: Annotated[int, typer.Option("--port", help="loopback port")] = D
                       stats_file=settings.cache_path / "judge-server-stats.json")
     typer.echo(f"judge: http://127.0.0.1:{port}/v1 model {visible(name)} (Ctrl-C stops); use it with\n"
                f"  export AUDITUI_JUDGE_BASE_URL=http://127.0.0.1:{port}/v1 AUDITUI_JUDGE_MODEL={visible(name)}", err=True)
-    try:
-        code = subprocess.call(args, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    except KeyboardInterrupt:
-        code = 0
-    if code:
-        raise AuditError(f"the judge server stopped with exit code {code}")
+    # The server replaces this process: a signal (Ctrl-C, a terminate) reaches it, nothing is left behind.
+    os.execve(args[0], args, {**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 @app.command()

@@ -142,6 +142,8 @@ def test_judge_serve_is_a_real_local_judge_over_a_model_directory(tiny_models, s
     finally:
         proc.terminate()
         proc.wait(20)
+    with pytest.raises(OSError):  # the server was this process: nothing is left listening
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
     assert out.exit_code == 0, out.output
     result = json.loads(out.stdout)["result"]
     assert result["counts"]["texts"] == 4 and result["judge"]["model"] == "tiny"
