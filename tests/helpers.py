@@ -30,6 +30,33 @@ def labelled_session(store, lm, spec: list[tuple[str, list[tuple[str, str]]]], c
     return session_id
 
 
+def tiny_audit(tmp_path, model, pack, spec, saes=None):
+    """(store, engine, session id): a tiny model (with `pack`, or no SAE when pack is "") on the CPU,
+    a fresh session database, and a labelled session of `spec` (see labelled_session)."""
+    from auditui.config import load_settings
+    from auditui.store import Store
+    from auditui.workflows.engine import open_engine
+
+    settings = load_settings(model=str(model), pack=str(pack), db=str(tmp_path / "s.db"), device="cpu", dtype="float32")
+    engine = open_engine(settings, saes=saes)
+    store = Store(settings.db)
+    return store, engine, labelled_session(store, engine.lm, spec)
+
+
+def firing_feature(model, pack, text: str, site: str = "2/resid_post", chat: bool = False) -> str:
+    """The latent of `site` that fires most at the last token of `text` (a deactivation test of a
+    silent latent is refused, not stored)."""
+    from auditui.config import load_settings
+    from auditui.engine.sites import Site
+    from auditui.workflows.engine import open_engine
+    from auditui.workflows.flow import DeactivateRequest, deactivate
+
+    engine = open_engine(load_settings(model=str(model), pack=str(pack)))
+    best = max(range(engine.bank.sae(Site.parse(site)).cfg.d_sae),
+               key=lambda i: deactivate(engine, DeactivateRequest(f"{site}/{i}", text, chat=chat))["z_old"])
+    return f"{site}/{best}"
+
+
 # -- a tiny corpus and build plan for pack builds on tiny models ------------------------------
 TEXT = ("The river rose in the spring and the farmers moved their sheep to the hills. " * 3 +
         "A committee met on Tuesday to discuss the budget of the new library. " * 3 +

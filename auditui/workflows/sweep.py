@@ -182,7 +182,8 @@ def sample_and_grade(store: Store, engine: Engine, session_id: int, run_id: int,
     completions = store.completions_by_ids([r[3] for r in kept])
     grades, tally = grade(store, session_id, judge, grading,
                           [Item(c["id"], batch.prompt, c["text"]) for c in completions], run_id, progress)
-    metrics = text_metrics(store, engine, completions, progress)
+    # after a stop the metrics are still computed (seconds), so what was sampled and graded is kept
+    metrics = text_metrics(store, engine, completions, QUIET if progress.should_stop() else progress)
     texts = Texts({}, {}, {})
     by_id = {c["id"]: (g, m) for c, g, m in zip(completions, grades, metrics, strict=True)}
     for group, strength, sample, pk in kept:

@@ -215,19 +215,25 @@ async def test_command_palette_offers_the_screen_keys(tmp_path, tiny_models):
 
 async def test_export_errors_are_messages(tmp_path, tiny_models):
     """A report path that cannot be written (a folder stands there) or a damaged database is one
-    notification on either screen, not a crash."""
+    notification on either screen, not a crash; a refused target stops the whole export before any write."""
     settings = settings_for(tmp_path, tiny_models["llama"])
     store = Store(settings.db)
     session_id = store.create_session("ünïcode ✓")
     (tmp_path / f"s-session{session_id}.html").mkdir()
     app = AuditApp(settings, load_engine=False)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("e", "enter")  # on the sessions screen, then open the session
+        await pilot.press("e", "enter", "enter", "enter")  # the export dialog on the sessions screen: its defaults
+        await pilot.pause()
+        assert not (tmp_path / f"s-session{session_id}.md").exists()
+        await pilot.press("e", "enter", "enter", *["backspace"] * 20, *"md", "enter")  # Markdown only
+        await pilot.pause()
+        assert "ünïcode ✓" in (tmp_path / f"s-session{session_id}.md").read_text(encoding="utf-8")
+        await pilot.press("enter")  # open the session
         await pilot.pause()
         with store.db.conn:
             store.db.execute("DROP VIEW pairs")  # the report reads it
         app.screen.query_one("#completions").focus()
-        await pilot.press("e")  # on the samples screen
+        await pilot.press("e", "enter", "enter", *["backspace"] * 20, *"md", "enter", "y")  # on the samples screen
         await pilot.pause()
         assert app.is_running and isinstance(app.screen, SamplesScreen)
         errors = [n.message for n in app._notifications if n.severity == "error"]

@@ -62,3 +62,49 @@ async def test_attribution_screen(tmp_path, tiny_models, tiny_packs, loaded):
         app.push_screen(AttributionScreen(session_id))
         await pilot.pause()
         assert len(cells(app.screen.query_one("#ranked", DataTable))) == 10
+
+
+async def test_attribution_tails_come_from_the_full_delta_vectors(tmp_path, tiny_models, tiny_packs, loaded):
+    from safetensors.torch import load
+
+    settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"))
+    store = Store(settings.db)
+    session_id = labelled_session(store, loaded("llama"), SPEC)
+
+    def expected(run_id: int, key) -> list[tuple[str, int, str]]:
+        attr = load(store.get_blob(run_id, "deltas"))["2/resid_post|attr"]
+        order = sorted(range(attr.shape[0]), key=lambda i: key(float(attr[i])))[:4]
+        return [("2/resid_post", i, f"{float(attr[i]):+.3g}") for i in order]
+
+    def shown(app) -> list[tuple[str, int, str]]:
+        return [(row[1], int(row[2]), row[3]) for row in cells(app.screen.query_one("#ranked", DataTable))]
+
+    app = AuditApp(settings)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        app.push_screen(AttributionScreen(session_id))
+        await pilot.pause()
+        app.screen.query_one("#param-sites").value = "2/resid_post"
+        app.screen.query_one("#param-top").value = "4"
+        await pilot.press("ctrl+r")
+        await wait_idle(app, pilot)
+        run_id = store.runs(session_id, "attribution")[-1]["id"]
+        assert shown(app) == expected(run_id, lambda v: -v)
+        await pilot.press("o")  # the negative tail: the most negative Δ-attribution first
+        await wait_idle(app, pilot)
+        assert "top -Δ" in app.screen.title
+        assert shown(app) == expected(run_id, lambda v: v) and all(float(row[2]) < 0 for row in shown(app))
+        assert all(row[8] for row in cells(app.screen.query_one("#ranked", DataTable)))  # logit lens, engine loaded
+        await pilot.press("c")  # an exact check of a latent only this tail shows
+        await wait_idle(app, pilot)
+        assert cells(app.screen.query_one("#ranked", DataTable))[0][7] != "-"
+        await pilot.press("o")
+        await wait_idle(app, pilot)
+        assert shown(app) == expected(run_id, lambda v: -abs(v))
+    app = AuditApp(settings, load_engine=False)  # no model: the tail is read from the store alone
+    async with app.run_test(size=SIZE) as pilot:
+        app.push_screen(AttributionScreen(session_id))
+        await pilot.pause()
+        await pilot.press("o")
+        await pilot.pause()
+        assert shown(app) == expected(run_id, lambda v: v)

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
-from helpers import SIZE, cells, wait_idle
+from helpers import SIZE, cells, firing_feature, wait_idle
 from textual.widgets import DataTable, Static
 
 from auditui.config import load_settings
-from auditui.engine.flow import FlowGraph, layer_rows
+from auditui.engine.flow import FlowGraph, layer_rows, text_ids
+from auditui.engine.model import load_model
 from auditui.store import Store
 from auditui.tui.app import AuditApp
 from auditui.tui.screens.flow import FlowScreen
+
+
+TEXT = "The cat sat on the mat."
 
 
 async def test_flow_screen(tmp_path, tiny_models, tiny_packs):
     settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"))
     store = Store(settings.db)
     session_id = store.create_session("flow")
-    prompt_id = store.add_prompt(session_id, "hello", [1])
-    store.add_completion(prompt_id, "The cat sat on the mat.", [2], seed=0, params={})
+    root = firing_feature(tiny_models["llama"], tiny_packs["llama"], TEXT)  # fires at the text's last token
+    ids = text_ids(load_model(str(tiny_models["llama"]), device="cpu"), TEXT, chat=False)
+    prompt_id = store.add_prompt(session_id, TEXT, ids, chat=False)
+    store.add_completion(prompt_id, "", [], seed=0, params={})
     app = AuditApp(settings)
     async with app.run_test(size=SIZE) as pilot:
         await wait_idle(app, pilot)
-        app.push_screen(FlowScreen(session_id, "2/resid_post/5"))
+        app.push_screen(FlowScreen(session_id, root))
         await pilot.pause()
         app.screen.query_one("#param-t_R").value = "-1"  # no cut: walk every layer of random SAEs
         app.screen.action_build()
@@ -30,7 +36,7 @@ async def test_flow_screen(tmp_path, tiny_models, tiny_packs):
         graph = FlowGraph.from_dict(runs[-1]["result"])
         expected = [node["id"] for layer in layer_rows(graph) for node in layer["residual"]]
         table = app.screen.query_one("#layers", DataTable)
-        assert [row[1] for row in cells(table)] == expected and "2/resid_post/5" in expected
+        assert [row[1] for row in cells(table)] == expected and root in expected
         assert [row[0] for row in cells(table)] == sorted(row[0] for row in cells(table))
         # walk down one layer and look at the node
         table.move_cursor(row=0)
@@ -42,15 +48,15 @@ async def test_flow_screen(tmp_path, tiny_models, tiny_packs):
             ("/".join(first.split("/")[:2]), int(first.split("/")[2]))]
         await pilot.press("e")
         await pilot.pause()
-        assert (tmp_path / "s-flow-2-resid_post-5.dot").read_text().startswith("digraph")
+        assert (tmp_path / f"s-flow-{root.replace('/', '-')}.dot").read_text().startswith("digraph")
         # deactivation test of the root's predecessors on the session's text (the dialog offers it)
-        table.move_cursor(row=expected.index("2/resid_post/5"))
+        table.move_cursor(row=expected.index(root))
         await pilot.press("x")
         await wait_idle(app, pilot)
         await pilot.press("enter")
         await wait_idle(app, pilot)
         runs = store.runs(session_id, "deactivation")
-        assert len(runs) == 1 and runs[0]["result"]["target"] == "2/resid_post/5"
+        assert len(runs) == 1 and runs[0]["result"]["target"] == root
         assert runs[0]["summary"]["headline"] in str(app.screen.query_one("#detail", Static).render())
         # Enter re-roots the graph at the current row
         table.focus()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers import SIZE, cells, labelled_session, wait_idle
+from helpers import SIZE, cells, labelled_session, press_when, wait_idle
 from textual.widgets import DataTable, Static
 
 import auditui.workflows.attribute as attribute_workflow
@@ -47,15 +47,6 @@ def wait_for_stop(monkeypatch, module, name):
         return result
     monkeypatch.setattr(module, name, slow)
     return entered
-
-
-async def press_when(pilot, event: threading.Event, *keys: str) -> None:
-    for _ in range(400):
-        if event.is_set():
-            break
-        await pilot.pause(0.05)
-    assert event.is_set()
-    await pilot.press(*keys)
 
 
 async def test_escape_during_attribution_is_stored_and_shown_as_cancelled(tmp_path, tiny_models, tiny_packs, loaded,
@@ -158,7 +149,7 @@ async def test_report_header_names_the_pack_the_runs_used(tmp_path, tiny_models)
     store.finish_run(run_id, {}, {"headline": "a graph"})
     app = AuditApp(config, load_engine=False)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("e")
+        await pilot.press("e", "enter", "enter", "enter")  # the export dialog's defaults
         await pilot.pause()
     report = (tmp_path / f"s-session{session_id}.md").read_text(encoding="utf-8")
     assert "SAE pack: tiny" in report and "model: tiny-llama" in report

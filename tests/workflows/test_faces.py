@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import time
 
-from helpers import SIZE, wait_idle
+from helpers import SIZE, firing_feature, wait_idle
 from typer.testing import CliRunner
 
 from auditui.cli import app as cli
 from auditui.config import load_settings
-from auditui.engine.sites import Site
 from auditui.store import Store
 from auditui.tui.app import AuditApp
 from auditui.tui.screens.attribution import AttributionScreen
@@ -29,18 +28,6 @@ TEXT = "The cat sat on the mat."
 def _stored(db) -> list[tuple]:
     keys = ("kind", "status", "params", "provenance", "result", "summary")
     return [tuple(run[k] for k in keys) for run in Store(db).runs(Store(db).latest_session_id())]
-
-
-def _firing(model, pack) -> str:
-    """The latent of 2/resid_post that fires most at TEXT's last token (a deactivation test of a
-    silent latent is refused, not stored)."""
-    from auditui.workflows.engine import open_engine
-    from auditui.workflows.flow import DeactivateRequest, deactivate
-
-    engine = open_engine(load_settings(model=str(model), pack=str(pack)))
-    best = max(range(engine.bank.sae(Site(2, "resid_post")).cfg.d_sae),
-               key=lambda i: deactivate(engine, DeactivateRequest(f"2/resid_post/{i}", TEXT))["z_old"])
-    return f"2/resid_post/{best}"
 
 
 def _cli_audit(db, model, pack, feature: str) -> None:
@@ -96,7 +83,7 @@ async def _tui_audit(db, model, pack, feature: str) -> None:
 
 async def test_cli_and_tui_store_identical_runs(tmp_path, tiny_models, tiny_packs):
     model, pack = tiny_models["llama"], tiny_packs["llama"]
-    feature = _firing(model, pack)
+    feature = firing_feature(model, pack, TEXT)
     _cli_audit(tmp_path / "cli.db", model, pack, feature)
     await _tui_audit(tmp_path / "tui.db", model, pack, feature)
     cli_runs, tui_runs = _stored(tmp_path / "cli.db"), _stored(tmp_path / "tui.db")

@@ -5,6 +5,11 @@ site, latent, Δ-attribution with a bar, Δ-activation and its rank, the exact m
 checked, and logit-lens tokens. `c` checks the selected latent exactly, `v` shows where it fires in
 the session's texts (per-token activation highlighting), `f` sends it to the flow screen, `s` adds
 it to the steering set.
+
+`o` switches the tail shown: the top latents by signed Δ-attribution (pushing toward the positive
+label; the rows the run stored), the most negative ones (pushing toward the negative label) or the
+largest |Δ-attribution| with its sign. The other tails come from the run's full Δ vectors (its
+"deltas" blob), top_k per site as the run was asked; their logit lens needs the run's SAEs loaded.
 """
 
 from __future__ import annotations
@@ -16,10 +21,39 @@ from textual.color import Color
 from auditui.errors import AuditError
 from auditui.tui.guard import guarded
 from auditui.tui.screens.base import StepScreen
-from auditui.tui.widgets.params import ParamRow, parse_number
+from auditui.tui.widgets.params import parse_number
 from auditui.tui.widgets.summary import summary_text
 
 BAR = 10
+TAILS = {"positive": "top +Δ", "negative": "top -Δ", "magnitude": "top |Δ|"}
+
+
+def tail_latents(attr, k: int, tail: str) -> list[int]:  # type: ignore[no-untyped-def]
+    """The k latents of a Δ-attribution vector in `tail`: largest, most negative, or largest |Δ|."""
+    key = {"positive": attr, "negative": -attr, "magnitude": attr.abs()}[tail]
+    return key.topk(min(k, key.shape[0])).indices.tolist()
+
+
+def tail_rows(store, run: dict, tail: str, engine=None) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Result rows of an attribution run's `tail` from its full Δ vectors, the run's exact checks merged;
+    labelled by logit lens when `engine` holds the SAE the run used for a site (on the engine thread)."""
+    from auditui.engine.attribution import descending_ranks, ranked_rows
+    from auditui.engine.sites import Site
+    from auditui.workflows.attribute import run_deltas
+
+    deltas, params = run_deltas(store, run["id"]), run["params"]
+    exact = {(r["site"], r["latent"]): r["exact"] for r in run["result"]["rows"]}
+    rows = []
+    for name in params["sites"]:
+        site, attr, act = Site.parse(name), deltas[f"{name}|attr"], deltas[f"{name}|act"]
+        latents = tail_latents(attr, run["result"]["sites"][name]["top_k"], tail)
+        if engine is not None and site in engine.bank and engine.bank.digest(site) == params["saes"].get(name):
+            rows += ranked_rows(engine, site, attr, act, latents)
+            continue
+        attr_ranks, act_ranks = descending_ranks(attr), descending_ranks(act)
+        rows += [{"site": name, "latent": i, "rank": int(attr_ranks[i]), "delta_attr": float(attr[i]),
+                  "delta_act": float(act[i]), "act_rank": int(act_ranks[i]), "logit_lens": []} for i in latents]
+    return [{**row, "exact": exact.get((row["site"], row["latent"]))} for row in rows]
 
 
 def bar(value: float, largest: float) -> Text:
@@ -43,14 +77,18 @@ class AttributionScreen(StepScreen):
         Binding("f", "flow", "Flow"),
         Binding("s", "steer", "Steer set +"),
         Binding("t", "steering", "Steer top 10"),
+        Binding("o", "tail", "Tail +/-/|Δ|"),
         Binding("b", "back", "Back"),
     ]
 
     TABLE_ID = "ranked"
 
-    def __init__(self, session_id: int):
+    def __init__(self, session_id: int, run_id: int | None = None):
+        """`run_id`: the run to show on opening (the run history); None: the session's latest."""
         super().__init__(session_id)
         self.run: dict | None = None
+        self.tail = "positive"
+        self.opening = run_id
 
     def params(self) -> list[tuple]:
         return [("sites", self.default_sites(), 22), ("top", "100", 4, "integer"), ("check", "0", 3, "integer"),
@@ -71,11 +109,12 @@ class AttributionScreen(StepScreen):
         self.table.add_columns("#", "site", "latent", "Δ-attr", "", "Δ-act", "act#",
                                                           "exact", "tokens")
         runs = [r for r in self.store.runs(self.session_id, "attribution") if r["result"]]  # done or partial
+        runs = [r for r in runs if r["id"] == self.opening] if self.opening is not None else runs
         if runs:
             self.show_run(runs[-1]["id"])
             params = runs[-1]["params"]  # the controls describe the run the table shows
-            self.query_one(ParamRow).set_values({"sites": " ".join(params["sites"]), "top": str(params["top_k"]),
-                                                 "check": str(params["check"]), "positions": params["positions"]})
+            self.set_params({"sites": " ".join(params["sites"]), "top": str(params["top_k"]),
+                             "check": str(params["check"]), "positions": params["positions"]})
         self.show_damaged()
 
     # -- running -------------------------------------------------------------------------------
@@ -120,13 +159,30 @@ class AttributionScreen(StepScreen):
         from auditui.workflows.attribute import attribution_run
 
         run = attribution_run(self.store, run_id)
-        status = "" if run["status"] == "done" else f" · {run['status']}"
-        self.run, self.rows = (run, run["result"]["rows"]) if run["result"] else (None, [])
+        self.run = run if run["result"] else None
         if self.run is None:
+            self.rows = []
             self.table.clear()
-            self.title = f"attribution · run {run_id}{status}"
+            self.title = f"attribution · run {run_id} · {run['status']}"
             self.show_detail(Text(f"run {run_id} {run['status']}: {run['error'] or 'no result'}"))
+        elif self.tail == "positive":
+            self.show_rows(run["result"]["rows"])
+        else:
+            store, tail = self.store, self.tail
+            engine = self.app.jobs.state.get("engine")  # type: ignore[attr-defined]
+            if engine is None:  # no model (yet): the tail without logit lens, read here
+                self.show_rows(tail_rows(store, run, tail))
+            else:
+                self.submit(f"attribution {TAILS[tail]}", lambda ctx: tail_rows(store, run, tail, self.engine(ctx)),
+                            on_done=self.show_rows)
+
+    def show_rows(self, rows: list[dict]) -> None:
+        """Rows of the shown run (`self.run`) in the table, the cursor kept where it was."""
+        run = self.run
+        if run is None:
             return
+        status = "" if run["status"] == "done" else f" · {run['status']}"
+        self.rows = rows
         largest = max((abs(r["delta_attr"]) for r in self.rows), default=0.0)
         table = self.table
         row_index = table.cursor_row
@@ -136,11 +192,17 @@ class AttributionScreen(StepScreen):
                           bar(row["delta_attr"], largest), number(row["delta_act"]), str(row["act_rank"]),
                           number(row["exact"]), Text(" ".join(repr(t)[1:-1] for t in row["logit_lens"][:4])),
                           key=f"{row['site']}/{row['latent']}")
-        self.title = f"attribution · run {run_id} · {run['result']['n_prompts']} prompts{status}"
+        self.title = f"attribution · run {run['id']} · {run['result']['n_prompts']} prompts · {TAILS[self.tail]}{status}"
         self.show_detail(summary_text(run["summary"]))
         if table.row_count:
             table.move_cursor(row=min(row_index, table.row_count - 1))
             table.focus()
+
+    def action_tail(self) -> None:
+        names = list(TAILS)
+        self.tail = names[(names.index(self.tail) + 1) % len(names)]
+        if self.run is not None:
+            self.show_run(self.run["id"])
 
     def on_data_table_row_highlighted(self) -> None:
         row = self.current()

@@ -66,10 +66,19 @@ class StepScreen(AuditScreen):
         """(name, default, width[, "integer" | "number"]) of the parameter inputs."""
         raise NotImplementedError
 
+    def param_rows(self) -> list[list[tuple]]:
+        """The parameter inputs, one ParamRow per list (a screen with many fields has more than one)."""
+        return [self.params()]
+
+    def body(self) -> ComposeResult:
+        """What sits between the parameters and the detail pane: the results table."""
+        yield DataTable(cursor_type="row", id=self.TABLE_ID)
+
     def compose(self) -> ComposeResult:
         yield Header()
-        yield ParamRow(self.params())
-        yield DataTable(cursor_type="row", id=self.TABLE_ID)
+        for fields in self.param_rows():
+            yield ParamRow(fields)
+        yield from self.body()
         with VerticalScroll(id="detail-box"):
             yield Static(id="detail")
         yield StatusBar()
@@ -83,7 +92,11 @@ class StepScreen(AuditScreen):
         return self.table
 
     def param_values(self) -> dict[str, str]:
-        return self.query_one(ParamRow).values()
+        return {name: value for row in self.query(ParamRow) for name, value in row.values().items()}
+
+    def set_params(self, values: dict[str, str]) -> None:
+        for row in self.query(ParamRow):
+            row.set_values({name: value for name, value in values.items() if name in row.names})
 
     def current(self) -> dict | None:
         """The `rows` entry under the table cursor."""

@@ -51,10 +51,13 @@ class FlowScreen(StepScreen):
 
     TABLE_ID = "layers"
 
-    def __init__(self, session_id: int, feature: str = ""):
+    def __init__(self, session_id: int, feature: str = "", run_id: int | None = None):
+        """`feature`: build its graph on opening; `run_id`: show that stored flow run instead (run history)."""
         super().__init__(session_id)
         self.feature = feature
         self.graph: dict | None = None
+        self.graph_run: int | None = None  # the stored run of the shown graph
+        self.run_id = run_id
 
     def params(self) -> list[tuple]:
         return [("feature", self.feature, 20), ("k", "1", 2, "integer"), ("dir", "both", 8), ("t_R", "0.5", 4, "number"),
@@ -63,7 +66,9 @@ class FlowScreen(StepScreen):
     def on_mount(self) -> None:
         self.title = "flow"
         self.table.add_columns("layer", "feature", "class", "s^R", "s^M", "s^A", "tokens")
-        if self.feature:
+        if self.run_id is not None:
+            self.show_stored(self.run_id)
+        elif self.feature:
             self.action_build()
         else:
             self.query_one("#param-feature").focus()
@@ -85,6 +90,20 @@ class FlowScreen(StepScreen):
         self.action_build()
 
     @guarded
+    def show_stored(self, run_id: int) -> None:
+        """A stored flow run's graph, the fields set to what built it."""
+        from auditui.engine.flow import FlowGraph, layer_rows
+
+        run = self.store.run(run_id)
+        if run["kind"] != "flow" or not run["result"]:
+            raise AuditError(f"run {run_id} is not a stored flow graph")
+        params = run["params"]
+        self.set_params({"feature": params["root"], "k": str(params["k"]), "dir": params["direction"],
+                         "t_R": f"{params['thresholds']['cut']:g}", "t_M": f"{params['thresholds']['module']:g}"})
+        self.show_graph((run["result"], layer_rows(FlowGraph.from_dict(run["result"])), run_id))
+        self.title += f" · run {run_id}"
+
+    @guarded
     def action_build(self) -> None:
         req = self.request()
         store, session_id = self.store, self.session_id
@@ -95,13 +114,13 @@ class FlowScreen(StepScreen):
 
             engine = self.engine(ctx)
             graph = flow_graph(engine, req)
-            record_flow(store, engine, session_id, graph)
-            return graph.to_dict(), layer_rows(graph)
+            run_id = record_flow(store, engine, session_id, graph)
+            return graph.to_dict(), layer_rows(graph), run_id
 
         self.submit(f"flow {req.feature}", job, on_done=self.show_graph)
 
-    def show_graph(self, result: tuple[dict, list[dict]]) -> None:
-        self.graph, layers = result
+    def show_graph(self, result: tuple[dict, list[dict], int]) -> None:
+        self.graph, layers, self.graph_run = result
         self.rows = [node for layer in layers for node in layer["residual"]]
         table = self.table
         table.clear()
@@ -137,14 +156,13 @@ class FlowScreen(StepScreen):
         self.action_build()
 
     def action_steering(self) -> None:
-        """The Steering screen on the latest graph of this session (appendix-B cuts)."""
-        runs = self.store.runs(self.session_id, "flow")
-        if not runs or self.graph is None:
+        """The Steering screen on the shown graph (appendix-B cuts)."""
+        if self.graph_run is None:
             return
         from auditui.tui.screens.steering import SteeringScreen
         from auditui.workflows.steer import PlanSource
 
-        self.app.push_screen(SteeringScreen(self.session_id, PlanSource(flow_run=runs[-1]["id"])))
+        self.app.push_screen(SteeringScreen(self.session_id, PlanSource(flow_run=self.graph_run)))
 
     @guarded
     def action_steer(self) -> None:

@@ -40,6 +40,8 @@ class SamplesScreen(AuditScreen):
         Binding("f", "flow", "Flow"),
         Binding("h", "heads", "Heads"),
         Binding("t", "steering", "Steer the set"),
+        Binding("r", "runs", "Runs"),
+        Binding("v", "steering_set", "Steering set"),
         Binding("e", "export", "Export"),
         Binding("p", "focus_prompt", "Prompt"),
         Binding("b", "back", "Sessions"),
@@ -222,6 +224,16 @@ class SamplesScreen(AuditScreen):
 
         self.app.push_screen(SteeringScreen(self.session_id))
 
+    def action_runs(self) -> None:
+        from auditui.tui.screens.runs import RunsScreen
+
+        self.app.push_screen(RunsScreen(self.session_id))
+
+    def action_steering_set(self) -> None:
+        from auditui.tui.screens.features import FeaturesScreen
+
+        self.app.push_screen(FeaturesScreen(self.session_id))
+
     def action_heads(self) -> None:
         from auditui.tui.screens.heads import HeadsScreen
 
@@ -229,6 +241,6 @@ class SamplesScreen(AuditScreen):
 
     @guarded
     def action_export(self) -> None:
-        from auditui.tui.screens.sessions import export_reports
+        from auditui.tui.screens.export import export_dialog
 
-        export_reports(self, self.session_id)
+        export_dialog(self, self.session_id)

@@ -1,4 +1,4 @@
-"""Sessions: list, create, open, rename, delete (with confirmation), export a report."""
+"""Sessions: list, create, open, rename, delete (with confirmation), export a report (a dialog)."""
 
 from __future__ import annotations
 
@@ -125,18 +125,9 @@ class SessionsScreen(AuditScreen):
 
     @guarded
     def action_export(self) -> None:
+        from auditui.tui.screens.export import export_dialog
+
         session_id = self.selected_id()
         if session_id is not None:
-            export_reports(self, session_id)
+            export_dialog(self, session_id)
 
-
-def export_reports(screen: AuditScreen, session_id: int) -> None:
-    """Write the session's report as Markdown, HTML and JSON next to the database (call it guarded)."""
-    from auditui.store.reports import render_reports, write_export
-
-    store = screen.store
-    written = []
-    for fmt, text in render_reports(store, session_id).items():
-        path = store.path.with_name(f"{store.path.stem}-session{session_id}.{fmt}")
-        written.append(write_export(path, text, fmt, store.path).name)
-    screen.notify(f"wrote {', '.join(written)} in {store.path.parent}", title="report", markup=False)

@@ -32,6 +32,10 @@ class ParamRow(Horizontal):
             input_.styles.width = width + 2 + (kind in NUMERIC)  # padding, and the cursor after a full number
             yield input_
 
+    @property
+    def names(self) -> list[str]:
+        return [name for name, *_ in self.fields]
+
     def values(self) -> dict[str, str]:
         return {name: self.query_one(f"#param-{name}", Input).value.strip() for name, *_ in self.fields}
 
@@ -49,3 +53,8 @@ def parse_number(raw: str, kind: type, name: str, low: float, high: float) -> fl
     if not low <= value <= high:
         raise AuditError(f"{name} must be between {low} and {high}")
     return value
+
+
+def parse_numbers(raw: str, name: str, low: float, high: float) -> tuple[float, ...]:
+    """Space- or comma-separated numbers (e.g. strengths "0 2 4 8"), each within [low, high]."""
+    return tuple(float(parse_number(part, float, name, low, high)) for part in raw.replace(",", " ").split())
