@@ -8,14 +8,12 @@ import math
 
 import pytest
 import torch
-from helpers import labelled_session
+from helpers import tiny_audit
 from judge_servers import Scripted, katan, requests
 
 from auditui.errors import AuditError
 from auditui.judge.client import Judge, JudgeConfig
 from auditui.judge.rubrics import load_rubric
-from auditui.store import Store
-from auditui.workflows.engine import open_engine
 from auditui.workflows.judge import Grading, JudgeRequest, judge_run
 
 GOOD = json.dumps({"behaviour": 4, "coherence": 5})
@@ -26,13 +24,7 @@ GRADING = Grading(load_rubric("behaviour"), ("mentions a rating",))
 
 @pytest.fixture
 def setup(tmp_path, tiny_models):
-    from auditui.config import load_settings
-
-    settings = load_settings(model=str(tiny_models["llama"]), pack="", db=str(tmp_path / "s.db"), device="cpu",
-                             dtype="float32")
-    engine = open_engine(settings, saes=[])
-    store = Store(settings.db)
-    return store, engine, labelled_session(store, engine.lm, SPEC)
+    return tiny_audit(tmp_path, tiny_models["llama"], "", SPEC, saes=[])
 
 
 def test_a_judge_run_scores_counts_failures_and_a_rerun_pays_nothing(setup, tmp_path):

@@ -6,15 +6,13 @@ import json
 
 import pytest
 import torch
-from helpers import attribution, labelled_session
+from helpers import attribution, tiny_audit
 from typer.testing import CliRunner
 
 from auditui.cli import app as cli
 from auditui.engine.sampling import SamplingParams
 from auditui.engine.sites import Site
 from auditui.errors import AuditError
-from auditui.store import Store
-from auditui.workflows.engine import open_engine
 from auditui.workflows.flow import FlowRequest, flow_graph, record_flow
 from auditui.workflows.reference import session_sequences
 from auditui.workflows.steer import PlanSource, SteerRequest, plan_for, steer
@@ -26,13 +24,7 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=6, chat=False)
 
 @pytest.fixture
 def setup(tmp_path, tiny_models, tiny_packs):
-    from auditui.config import load_settings
-
-    settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"),
-                             device="cpu", dtype="float32")
-    engine = open_engine(settings)
-    store = Store(settings.db)
-    return store, engine, labelled_session(store, engine.lm, SPEC)
+    return tiny_audit(tmp_path, tiny_models["llama"], tiny_packs["llama"], SPEC)
 
 
 def test_steered_completions_are_stored_with_their_plan_and_kept_out_of_the_audit(setup):

@@ -8,7 +8,7 @@ import re
 import statistics
 
 import pytest
-from helpers import labelled_session
+from helpers import tiny_audit
 from judge_servers import Scripted
 
 from auditui.engine.sampling import SamplingParams
@@ -16,8 +16,6 @@ from auditui.engine.sites import Site
 from auditui.errors import AuditError
 from auditui.judge.client import Judge, JudgeConfig
 from auditui.judge.rubrics import load_rubric
-from auditui.store import Store
-from auditui.workflows.engine import open_engine
 from auditui.workflows.judge import Grading
 from auditui.workflows.steer import PlanSource, plan_for
 from auditui.workflows.sweep import SweepRequest, sweep
@@ -42,14 +40,8 @@ def answer(messages: list[dict]) -> str:
 
 @pytest.fixture
 def setup(tmp_path, tiny_models, tiny_packs):
-    from auditui.config import load_settings
-
-    settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"),
-                             device="cpu", dtype="float32")
-    engine = open_engine(settings)
-    store = Store(settings.db)
-    session_id = labelled_session(store, engine.lm, [("Hello there", [("Hi!", "positive"), ("Go away", "negative")])])
-    return store, engine, session_id
+    return tiny_audit(tmp_path, tiny_models["llama"], tiny_packs["llama"],
+                      [("Hello there", [("Hi!", "positive"), ("Go away", "negative")])])
 
 
 def _expected(rows: list[dict], direction: str) -> tuple[list[float], list[float]]:
