@@ -6,7 +6,7 @@
     auditui judge rubrics                                           the rubrics found, built-in and yours
     auditui sweep  <plan options> --prompt P --subject S --strength 2 --strength 4 [-n 8] [--band 8]
                    [--direction toward|away] [--compare-layers] [--on audited|reference] [--plot FILE.svg] [--json]
-    auditui validate --from-attribution RUN --prompt P --subject S [--k 10] [--strength 4] [--band 8]
+    auditui validate --from-attribution RUN --prompt P --subject S [--k 10] [--strength 4] [--band 8] [--reference]
 
 The judge is any OpenAI-compatible endpoint (`--judge-url`, else judge_base_url in the config or
 AUDITUI_JUDGE_BASE_URL); its key is read from AUDITUI_JUDGE_KEY or OPENAI_API_KEY and never stored.
@@ -225,6 +225,8 @@ def validate(prompt: PromptOpt, from_attribution: Annotated[int, typer.Option("-
              band_seed: Annotated[int, typer.Option("--band-seed")] = 0,
              seed: SeedOpt = None, max_new_tokens: MaxNewOpt = 48, temperature: TemperatureOpt = 1.0,
              top_p: TopPOpt = 0.95, raw: RawOpt = False, system: SystemOpt = None, plot: PlotOpt = None,
+             reference: Annotated[bool, typer.Option("--reference", help="steer toward on the session's reference "
+                                                                         "model, away on the audited one")] = False,
              judge_url: UrlOpt = None, judge_model: JudgeModelOpt = None, concurrency: ConcurrencyOpt = 4,
              session: SessionOpt = None, model: ModelOpt = None, pack: PackOpt = None, sae: SaeOpt = None,
              device: DeviceOpt = None, dtype: DtypeOpt = None, db: DbOpt = None, as_json: JsonOpt = False) -> None:
@@ -241,7 +243,9 @@ def validate(prompt: PromptOpt, from_attribution: Annotated[int, typer.Option("-
     judge = _judge(settings, judge_url, judge_model, concurrency)
     with open_store(db) as store:
         session_id = store.resolve_session(session)
+        other = engine_for(steered_settings(store, session_id, settings, "reference"), sae) if reference else None
         engine = engine_for(settings, sae)
-        out = _run_output(store, validate_workflow(store, engine, session_id, request, judge, Printer()), session_id)
+        out = _run_output(store, validate_workflow(store, engine, session_id, request, judge, Printer(), other),
+                          session_id)
     _plot(plot, "validate", out["result"], db)
     _show(out, as_json)

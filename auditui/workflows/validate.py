@@ -9,7 +9,9 @@ activation, n samples each with the same seeds; M random latents of the same sit
 the same way, give the band. The effect of a latent in a direction is Δb = mean behaviour steered -
 mean behaviour unsteered (the same unsteered samples for all). A latent leaves the band toward when
 its Δb is above the random latents' 95th percentile, away when below their 5th; the result counts
-how many of each set leave it. Run kind "validate".
+how many of each set leave it. With the session's reference model given (seed 003: steer the
+audited model away, a separate aligned model toward), the toward rows are sampled on the reference
+model, each direction against its own model's unsteered samples. Run kind "validate".
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from auditui.stats import band
 from auditui.workflows.attribute import attribution_run
 from auditui.workflows.judge import Grading
 from auditui.workflows.runs import provenance, recorded_run
-from auditui.workflows.sweep import Batch, Texts, graded_record, prepared, sample_and_grade
+from auditui.workflows.sweep import Batch, Graded, Texts, graded_record, prepared, sample_and_grade
 
 if TYPE_CHECKING:
     from auditui.engine import Engine
@@ -83,18 +85,20 @@ def _plan(site: Site, latent: int) -> SteeringPlan:
                         source=f"validation of {site}/{latent}")
 
 
-def _effects(texts: Texts, group: str, strength: float) -> dict:
-    base = texts.point("unsteered", 0.0, "toward")["behaviour"]["mean"]
+def _effects(texts: dict[str, Texts], group: str, strength: float) -> dict:
+    """Δb toward (+s) and away (-s), each against the unsteered samples of the model it was steered on."""
     out = {}
     for name, s in (("toward", strength), ("away", -strength)):
-        point = texts.point(group, s, "toward")
+        base = texts[name].point("unsteered", 0.0, "toward")["behaviour"]["mean"]
+        point = texts[name].point(group, s, "toward")
         mean = point["behaviour"]["mean"]
         out[name] = {"delta_behaviour": None if mean is None or base is None else mean - base,
                      "behaviour": point["behaviour"], "coherence": point["coherence"], "unscored": point["unscored"]}
     return out
 
 
-def summarise(texts: Texts, site: str, attr: list[int], act: list[int], m: int, strength: float) -> dict:
+def summarise(texts: dict[str, Texts], site: str, attr: list[int], act: list[int], m: int, strength: float) -> dict:
+    """`texts` by direction ("toward", "away"): the same Texts, or the reference model's for toward."""
     random = [_effects(texts, f"band {i}", strength) for i in range(m)]
     edges = {d: band([r[d]["delta_behaviour"] for r in random if r[d]["delta_behaviour"] is not None])
              for d in ("toward", "away")}
@@ -119,7 +123,9 @@ def summarise(texts: Texts, site: str, attr: list[int], act: list[int], m: int, 
 
 
 def validate(store: Store, engine: Engine, session_id: int, request: ValidateRequest, judge: Judge,
-             progress: Progress = QUIET) -> int:
+             progress: Progress = QUIET, reference: Engine | None = None) -> int:
+    """The run id. With `reference` (the session's reference model, same SAEs), the toward rows are
+    sampled on it and the away rows on the audited model."""
     request.validate()
     run = attribution_run(store, request.attribution_run)
     if run["kind"] != "attribution" or run["status"] != "done" or run["session_id"] != session_id:
@@ -135,15 +141,30 @@ def validate(store: Store, engine: Engine, session_id: int, request: ValidateReq
     record = {"attribution_run": request.attribution_run, "site": site_text, "k": request.k, "strength": request.strength,
               "n": request.n, "band": request.band, "band_latents": randoms, "prompt": request.prompt,
               "params": asdict(params), "seed": seed, "judge": judge.config.describe(),
-              "rubric": request.grading.describe()}
+              "rubric": request.grading.describe(),
+              "toward_on": "audited" if reference is None else "reference", "model_id": engine.lm.model_id,
+              "reference_model_id": None if reference is None else reference.lm.model_id}
     seeds = [seed + i for i in range(request.n)]
     with recorded_run(store, session_id, VALIDATE_KIND, record, provenance(engine.lm, engine, [site], seeds),
                       parent_id=request.attribution_run) as handle:
-        batch = Batch(request.prompt, prompt_ids, params, seed, request.n, [request.strength, -request.strength], plans)
-        graded = sample_and_grade(store, engine, session_id, handle.run_id, batch, request.grading, judge, progress)
-        result = summarise(graded.texts, site_text, attr, act, request.band, request.strength)
-        result.update(graded_record(graded, judge, request.grading))
-        (handle.done if graded.complete else handle.partial)(result, _summary(result))
+        def graded_on(model: Engine, strengths: list[float], on: str) -> Graded:
+            batch = Batch(request.prompt, prompt_ids, params, seed, request.n, strengths, plans, on)
+            return sample_and_grade(store, model, session_id, handle.run_id, batch, request.grading, judge, progress)
+
+        if reference is None:
+            graded = [graded_on(engine, [request.strength, -request.strength], "audited")]
+            texts = {"toward": graded[0].texts, "away": graded[0].texts}
+        else:  # away on the audited model, toward on the reference model (seed 003)
+            graded = [graded_on(engine, [-request.strength], "audited"),
+                      graded_on(reference, [request.strength], "reference")]
+            texts = {"away": graded[0].texts, "toward": graded[1].texts}
+        result = summarise(texts, site_text, attr, act, request.band, request.strength)
+        result.update(graded_record(graded[0], judge, request.grading))
+        result["toward_on"] = "audited" if reference is None else f"reference {reference.lm.model_id}"
+        if reference is not None:
+            result["completion_ids"] += graded[1].completion_ids
+            result["counts"] = {k: v + graded[1].tally.__dict__[k] for k, v in result["counts"].items()}
+        (handle.done if all(g.complete for g in graded) else handle.partial)(result, _summary(result))
     return handle.run_id
 
 

@@ -29,7 +29,7 @@ from auditui.workflows.steer import PlanSource, plan_for
 from auditui.workflows.sweep import SweepRequest, sweep
 from auditui.workflows.validate import ValidateRequest, validate
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]  # minutes of CPU generation and grading
 TEXT = re.compile(r'Text:\n"""\n(.*)\n"""', re.S)
 PARAMS = SamplingParams(temperature=0.8, max_new_tokens=24)
 

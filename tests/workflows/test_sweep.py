@@ -191,3 +191,35 @@ def test_reports_draw_the_sweep_and_name_the_judge(setup):
     assert reports["html"].count("<figure>") == 1 and "random latents 5-95%" in svg
     assert f"LLM judges: rule at {url}" in reports["md"] and "sweep curves are drawn in the HTML report" in reports["md"]
     assert json.loads(reports["json"])["runs"][-1]["result"] == store.run(run_id)["result"]
+
+
+def test_validation_with_a_reference_model_steers_toward_on_it_and_away_on_the_audited(setup, tiny_models, tiny_packs,
+                                                                                       tmp_path):
+    from helpers import attribution
+
+    from auditui.workflows.validate import ValidateRequest, validate
+
+    store, engine, session_id = setup
+    reference = tiny_audit(tmp_path / "ref", tiny_models["llama"], tiny_packs["llama"], [])[1]  # its own engine
+    attr_run = attribution(engine, store, session_id, [Site.parse("2/resid_post")], top_k=2)
+    request = ValidateRequest(attr_run, "Once upon a time", GRADING, k=2, strength=30.0, n=2, band=2,
+                              params=GREEDYISH, seed=2)
+    with Scripted([answer]) as server:
+        run = store.run(validate(store, engine, session_id, request, Judge(JudgeConfig(server.url, "rule")),
+                                 reference=reference))
+    result = run["result"]
+    assert run["params"]["toward_on"] == "reference" and result["toward_on"].startswith("reference")
+    rows = store.completions_by_ids([i for i in result["completion_ids"] if i is not None])
+    on_reference = [r for r in rows if r["intervention"] and r["intervention"].get("model") == "reference"]
+    assert {r["intervention"]["strength"] for r in on_reference} == {None, 30.0}  # its unsteered rows and toward
+    audited = [r for r in rows if r not in on_reference]
+    assert [r["intervention"] and r["intervention"]["strength"] for r in audited].count(None) == 2  # its unsteered
+    assert {r["intervention"]["strength"] for r in audited if r["intervention"]} == {-30.0}  # away only
+    base = [rule(r["text"])[0] / 5 for r in on_reference if r["intervention"]["strength"] is None and "x" not in r["text"]]
+    for latent_row in result["sets"]["attribution"]:
+        steered = [rule(r["text"])[0] / 5 for r in on_reference if r["intervention"]["strength"] == 30.0
+                   and r["intervention"]["plan"]["features"][0]["feature"] == f"2/resid_post/{latent_row['latent']}"
+                   and "x" not in r["text"]]
+        delta = latent_row["toward"]["delta_behaviour"]
+        if steered and base:
+            assert delta == pytest.approx(statistics.fmean(steered) - statistics.fmean(base))
