@@ -12,7 +12,6 @@ from auditui.store import Store
 from auditui.tui.app import AuditApp
 from auditui.tui.screens.flow import FlowScreen
 
-
 TEXT = "The cat sat on the mat."
 
 
