@@ -62,7 +62,7 @@ def root(ctx: typer.Context, model: ModelOpt = None, pack: PackOpt = None, devic
 
 
 # Command modules register themselves on `app` when imported.
-from auditui.cli import attribute, diff, flow, heads, judge, sessions, setup, steer  # noqa: E402,F401
+from auditui.cli import attribute, diff, flow, game, heads, judge, sessions, setup, steer  # noqa: E402,F401
 from auditui.cli import pack as pack_commands  # noqa: E402,F401  (`pack` is also an option name above)
 
 

@@ -215,10 +215,10 @@ def site_scores(bank: SAEBank, site: Site, acts: Tensor, grads: Tensor, mean: Te
     return attr / counts, act / act_counts
 
 
-def attribute_batch(engine: Engine, seqs: list[TokenSeq], sites: list[Site], means: dict[Site, Tensor],
-                    positions: str = "prompt") -> dict[Site, tuple[Tensor, Tensor]]:
-    """Per completion of `seqs`, for every latent of every site: (attr, act) [B, d_sae]."""
-    lm = engine.lm
+def site_grads(lm: LoadedModel, seqs: list[TokenSeq], sites: list[Site], positions: str = "prompt"
+               ) -> tuple[dict[Site, Tensor], dict[Site, Tensor], Tensor, Tensor]:
+    """One forward + backward of L: (acts, grads dL/d(acts)) [B, T, width] per site, the chosen
+    positions sel and the activation positions act_sel [B, T]."""
     leaf = grad_leaf(sites, lm.adapter.parallel)
     with torch.inference_mode(False), torch.enable_grad(), \
             SiteHooks(lm.model, reads=sites, edits={leaf: _make_leaf}, keep_grad=True) as hooks:
@@ -226,7 +226,13 @@ def attribute_batch(engine: Engine, seqs: list[TokenSeq], sites: list[Site], mea
         sel = position_mask(seqs, positions, ids.shape[1], lm.device)
         act_sel = span_mask(seqs, [activation_span(s) for s in seqs], ids.shape[1], lm.device)
         completion_nll(lm, ids, mask, seqs).sum().backward()
-    acts, grads = hooks.acts, hooks.grads
+    return hooks.acts, hooks.grads, sel, act_sel
+
+
+def attribute_batch(engine: Engine, seqs: list[TokenSeq], sites: list[Site], means: dict[Site, Tensor],
+                    positions: str = "prompt") -> dict[Site, tuple[Tensor, Tensor]]:
+    """Per completion of `seqs`, for every latent of every site: (attr, act) [B, d_sae]."""
+    acts, grads, sel, act_sel = site_grads(engine.lm, seqs, sites, positions)
     return {site: site_scores(engine.bank, site, acts[site], grads[site], means[site], sel, act_sel)
             for site in sites}
 

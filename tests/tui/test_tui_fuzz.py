@@ -53,7 +53,7 @@ def test_hostile_text_never_reaches_the_screen_raw(name, prompt, completion):
     with tempfile.TemporaryDirectory() as folder:
         db = Path(folder) / "s.db"
         store = Store(db)
-        prompt_id = store.add_prompt(store.create_session(name or "x"), prompt or "p", [1, 2])
+        prompt_id = store.add_prompt(store.create_session(f"x{name}"), prompt or "p", [1, 2])  # a blank name is refused
         store.add_completion(prompt_id, completion, [3], seed=0, params={})
         store.close()
         for frame in asyncio.run(show(db)):
