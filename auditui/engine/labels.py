@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from auditui.engine.reference import TokenSeq, counted_mask, encode_rows, read_sites
+from auditui.engine.reference import TokenSeq, encode_rows, read_sites
 from auditui.engine.sites import Site
 from auditui.progress import QUIET, Progress, stop_if_asked
 
@@ -85,27 +85,41 @@ def logit_lens_tokens(lm: LoadedModel, directions: Tensor, k: int = 8) -> list[l
     return [[tok for tok, _ in row] for row in logit_lens(lm, directions, k)]
 
 
+def latent_values(engine: Engine, seqs: list[TokenSeq], site: Site, latent: int, batch_size: int = 8,
+                  progress: Progress = QUIET, stage: str = "snippets") -> list[tuple[TokenSeq, list[float]]]:
+    """(seq, the latent's activation at every token of seq) for each of `seqs` (batched by length, so
+    not in the input order); Cancelled when progress.should_stop()."""
+    sae = engine.bank.sae(site)
+    latent_index = torch.tensor([latent], device=sae.W_dec.device)
+    out = []
+    for batch, ids, acts in read_sites(engine.lm, seqs, [site], batch_size):
+        rows = acts[site].reshape(-1, acts[site].shape[-1])  # [B*T, width]
+        codes = encode_rows(sae, rows, latent_index)[:, 0].reshape(ids.shape).cpu()  # [B, T]
+        out += [(seq, codes[row, :len(seq)].tolist()) for row, seq in enumerate(batch)]
+        progress.progress(len(out), len(seqs), stage)
+        stop_if_asked(progress)
+    return out
+
+
+def strongest(lm: LoadedModel, scanned: list[tuple[TokenSeq, list[float]]], k: int = 8, before: int = 24,
+              after: int = 8) -> list[dict]:
+    """The k snippets of `latent_values` output where the latent is most active over each sequence's
+    counted positions (`TokenSeq.counted_from` on), best first; sequences where it never fires left out."""
+    found = []  # (max, position, seq, activations of the whole sequence)
+    for seq, values in scanned:
+        own = values[seq.counted_from:]
+        best = max(own, default=0.0)
+        if best > 0:
+            found.append((best, seq.counted_from + own.index(best), seq, values))
+    found.sort(key=lambda item: -item[0])
+    return [_snippet(lm, *item, before=before, after=after) for item in found[:k]]
+
+
 def top_snippets(engine: Engine, seqs: list[TokenSeq], site: Site, latent: int, k: int = 8,
                  before: int = 24, after: int = 8, batch_size: int = 8, progress: Progress = QUIET) -> list[dict]:
     """The k texts of `seqs` where `latent` of `site` is most active (see module docstring);
     Cancelled when progress.should_stop()."""
-    lm, sae = engine.lm, engine.bank.sae(site)
-    latent_index = torch.tensor([latent], device=sae.W_dec.device)
-    found = []  # (max, position, seq, activations of the whole sequence)
-    done = 0
-    for batch, ids, acts in read_sites(lm, seqs, [site], batch_size):
-        rows = acts[site].reshape(-1, acts[site].shape[-1])  # [B*T, width]
-        codes = encode_rows(sae, rows, latent_index)[:, 0].reshape(ids.shape)  # [B, T]
-        counted = counted_mask(batch, ids.shape[1], codes.device)
-        best, position = codes.masked_fill(~counted, float("-inf")).max(dim=1)  # [B]
-        for row, seq in enumerate(batch):
-            if best[row] > 0:
-                found.append((float(best[row]), int(position[row]), seq, codes[row, :len(seq)].tolist()))
-        done += len(batch)
-        progress.progress(done, len(seqs), "snippets")
-        stop_if_asked(progress)
-    found.sort(key=lambda item: -item[0])
-    return [_snippet(lm, *item, before=before, after=after) for item in found[:k]]
+    return strongest(engine.lm, latent_values(engine, seqs, site, latent, batch_size, progress), k, before, after)
 
 
 def _snippet(lm: LoadedModel, best: float, position: int, seq: TokenSeq, values: list[float], before: int,

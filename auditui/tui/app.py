@@ -8,6 +8,7 @@ functions inside jobs and render their results.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -48,6 +49,7 @@ class AuditApp(App):
         self.job_status: tuple[str, float, float] | None = None
         self.jobs = EngineQueue(self.post_message)
         self.pack: Any = None  # the loaded SAE pack's PackInfo (manifest), once the engine is up
+        self._stage: tuple = (None, "", 0.0, 0.0)  # (job, stage, when it started, done then): the ETA's clock
 
     # -- start-up ------------------------------------------------------------------------------
     def on_mount(self) -> None:
@@ -84,6 +86,9 @@ class AuditApp(App):
         self._sync_status()
         for warning in warnings:
             self.notify(warning, title="SAEs", severity="warning", timeout=10, markup=False)
+        for screen in self.screen_stack:  # a session opened while the model loaded: is it this model's?
+            if hasattr(screen, "check_model"):
+                guard_call(self, screen.check_model)()
 
     def _engine_failed(self, error: str) -> None:
         self.engine_error, self.engine_status = error, "model not loaded"
@@ -111,8 +116,11 @@ class AuditApp(App):
 
     def on_job_progress(self, message: JobProgress) -> None:
         stage = message.message if message.message != message.job.title else ""
+        if self._stage[:2] != (message.job, stage) or message.done < self._stage[3]:  # a new stage: its own clock
+            self._stage = (message.job, stage, time.monotonic(), message.done)
         count = f" {message.done:g}/{message.total:g}" if message.total else ""
-        self._set_job((f"{message.job.title}{': ' * bool(stage)}{stage}{count}", message.done, message.total))
+        left = eta(time.monotonic() - self._stage[2], message.done - self._stage[3], message.total - message.done)
+        self._set_job((f"{message.job.title}{': ' * bool(stage)}{stage}{count}{left}", message.done, message.total))
 
     def on_job_done(self, message: JobDone) -> None:
         self._set_job(None)
@@ -157,9 +165,13 @@ class AuditApp(App):
     def action_help(self) -> None:
         if isinstance(self.screen, Help):
             return
-        rows = [(keys, binding.description or binding.action) for node in (self.screen, self)
-                for keys, binding in own_keys(node)]
-        self.push_screen(Help(rows, getattr(self.screen, "HELP", "")))
+        mine = {b.action for cls in type(self.screen).__mro__ if cls.__module__.startswith("auditui.")
+                for b in cls.__dict__.get("BINDINGS", [])}  # declared by auditui's screens, not Textual's
+        rows = [(keys, binding.description or binding.action, binding.action in mine)
+                for node in (self.screen, self) for keys, binding in own_keys(node)]
+        own = [row[:2] for row in rows if row[2]]
+        self.push_screen(Help(own + [row[:2] for row in rows if not row[2]], getattr(self.screen, "HELP", ""),
+                              getattr(self.screen, "TERMS", ()), own=len(own)))
 
     def action_pack_quality(self) -> None:
         """Show the loaded pack's per-SAE quality (its manifest is in memory: no engine job, so F2
@@ -187,6 +199,16 @@ class AuditApp(App):
 
     def on_unmount(self) -> None:
         self.jobs.shutdown()
+
+
+def eta(elapsed: float, done: float, left: float) -> str:
+    """The label's ETA (" · ~1m20s left") from a stage's pace so far; "" before a second or a step has passed."""
+    if elapsed < 1 or done <= 0 or left <= 0:
+        return ""
+    seconds = round(elapsed / done * left)
+    shown = f"{seconds}s" if seconds < 60 else (f"{seconds // 60}m{seconds % 60:02d}s" if seconds < 3600
+                                                 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}m")
+    return f" · ~{shown} left"
 
 
 def own_keys(node: App | Screen) -> list[tuple[str, Binding]]:

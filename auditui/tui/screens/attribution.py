@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.binding import Binding
-from textual.color import Color
 
 from auditui.errors import AuditError
 from auditui.tui.guard import guarded
 from auditui.tui.screens.base import StepScreen
 from auditui.tui.widgets.params import parse_number
 from auditui.tui.widgets.summary import summary_text
+from auditui.tui.widgets.tokens import heat
 
 BAR = 10
 TAILS = {"positive": "top +Δ", "negative": "top -Δ", "magnitude": "top |Δ|"}
@@ -70,10 +70,18 @@ class AttributionScreen(StepScreen):
     HELP = ("Δ-attribution: for each completion, δ_i = -(g·d_i)((a-ā)·d_i) averaged over the chosen "
             "positions, positive minus negative per prompt, averaged over prompts. Δ-act: the SAE "
             "activation difference over completion tokens. exact: the real ΔL of mean-ablating the latent.")
+    TERMS = (("#", "the latent's rank by Δ-attribution at its site (ranks restart per site)"),
+             ("Δ-attr", "mean over prompts of (positive minus negative) attribution: > 0 pushes toward the positive label"),
+             ("Δ-act", "the SAE activation difference, positive minus negative completions"),
+             ("act#", "the latent's rank by Δ-act at its site (compare with # : the two baselines agree when close)"),
+             ("exact", "the real change of the loss when the latent is mean-ablated (c checks it)"),
+             ("tail", "o: top +Δ (toward the positive label), top -Δ (toward the negative; steer away) or top |Δ|"),
+             ("positions", "prompt, completion or all: the tokens the attribution averages over"))
     BINDINGS = [
         Binding("ctrl+r", "run", "Run"),
         Binding("c", "check", "Check exact"),
         Binding("v", "view", "Where it fires"),
+        Binding("l", "latent", "Latent page"),
         Binding("f", "flow", "Flow"),
         Binding("s", "steer", "Steer set +"),
         Binding("t", "steering", "Steer top 10"),
@@ -246,16 +254,10 @@ class AttributionScreen(StepScreen):
         self.submit(f"snippets {label}", job, on_done=lambda snippets: self.show_snippets(label, snippets))
 
     def show_snippets(self, label: str, snippets: list[dict]) -> None:
-        theme = self.app.current_theme
-        base, accent = Color.parse(theme.background or "black"), Color.parse(theme.primary)
         text = Text(f"where {label} fires in this session ({len(snippets)} texts)\n", style="bold")
         for snippet in snippets:
-            top = snippet["max"] or 1.0
             text.append(f"#{snippet['completion_id']} max {snippet['max']:.3g}: ", style="dim")
-            for token, value in zip(snippet["tokens"], snippet["activations"], strict=True):
-                strength = max(0.0, min(1.0, value / top))
-                style = f"on {base.blend(accent, strength).hex}" if strength > 0 else ""
-                text.append(token.replace("\n", "⏎"), style=style)
+            text.append_text(heat(self.app, snippet["tokens"], snippet["activations"], snippet["max"]))
             text.append("\n")
         if not snippets:
             text.append("it is not active on any of the session's texts")
@@ -287,3 +289,10 @@ class AttributionScreen(StepScreen):
             self.store.add_feature(self.session_id, row["site"], row["latent"], source="attribution",
                                    sae_digest=digest)
             self.notify(f"{row['site']}/{row['latent']} added to the steering set", timeout=3)
+
+    def action_latent(self) -> None:
+        row = self.current()
+        if row is not None:
+            from auditui.tui.screens.latent import open_latent
+
+            open_latent(self, self.session_id, f"{row['site']}/{row['latent']}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Input, Label
+from textual.widgets import DataTable, Input, Label, Static
 
 
 class AskForm(ModalScreen[dict[str, str] | None]):
@@ -61,21 +61,34 @@ class Confirm(ModalScreen[bool]):
 
 
 class Help(ModalScreen[None]):
-    """Every key of the screen below (and the app's), with what it does."""
+    """The screen's own keys first, then the app's (a rule between), the screen's notes and the terms it
+    uses explained; the body scrolls."""
 
     BINDINGS = [Binding("escape,f1,q", "dismiss(None)", "Close")]
 
-    def __init__(self, rows: list[tuple[str, str]], notes: str = ""):
+    def __init__(self, rows: list[tuple[str, str]], notes: str = "", terms: tuple[tuple[str, str], ...] = (),
+                 own: int | None = None):
+        """`rows`: (keys, action); the first `own` of them are the screen's (None: all)."""
         super().__init__()
-        self.rows, self.notes = rows, notes
+        self.rows, self.notes, self.terms = rows, notes, terms
+        self.own = len(rows) if own is None else own
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog help"):
-            yield Label("Keys  (Esc closes; Ctrl+P opens the command palette)")
-            table: DataTable = DataTable(show_header=False, cursor_type="none")
-            table.add_columns("key", "action")
-            for key, action in self.rows:
-                table.add_row(Text(key), Text(action))
-            yield table
-            if self.notes:
-                yield Label(Text(self.notes))
+            yield Label("Keys of this screen, then everywhere (Esc closes)")
+            with VerticalScroll(id="help-body"):
+                table: DataTable = DataTable(show_header=False, cursor_type="none")
+                table.add_columns("key", "action")
+                for i, (key, action) in enumerate(self.rows):
+                    if i == self.own and i:
+                        table.add_row(Text("──", style="dim"), Text("everywhere", style="dim"))
+                    table.add_row(Text(key, style="bold" if i < self.own else ""), Text(action))
+                yield table
+                if self.notes:
+                    yield Label(Text(self.notes), classes="help-notes")
+                if self.terms:
+                    terms = Text("Terms on this screen\n", style="bold")
+                    for term, meaning in self.terms:
+                        terms.append(term, style="bold")
+                        terms.append(f": {meaning}\n")
+                    yield Static(terms, id="help-terms")

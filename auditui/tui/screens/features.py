@@ -1,6 +1,7 @@
 """The session's steering set: the latents added with `s` in the Attribution, Flow and Heads screens,
-with where each came from; `d` removes the selected one, `t` steers the set. Leaving it (b, Esc)
-tells the screen that opened it, so a Steering screen over the set rebuilds its plan."""
+with where each came from; `d` removes the selected one, `t` steers the set, `l` (or Enter) opens its
+latent page. Leaving it (b, Esc) tells the screen that opened it, so a Steering screen over the set
+rebuilds its plan."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class FeaturesScreen(AuditScreen):
     HELP = "The steering set is what `t` on the Samples screen steers: one plan over all of its latents."
     BINDINGS = [
         Binding("d,delete", "remove", "Remove"),
+        Binding("l", "latent", "Latent page"),
         Binding("t", "steering", "Steer the set"),
         Binding("b", "back", "Back"),
     ]
@@ -79,3 +81,14 @@ class FeaturesScreen(AuditScreen):
 
     def action_back(self) -> None:
         self.dismiss(None)  # the opener's callback (if any) runs: the set may have changed
+
+    def on_data_table_row_selected(self) -> None:
+        self.action_latent()
+
+    def action_latent(self) -> None:
+        table = self.query_one(DataTable)
+        if self.features and table.row_count:
+            from auditui.tui.screens.latent import open_latent
+
+            feature = self.features[table.cursor_row]
+            open_latent(self, self.session_id, f"{feature['site']}/{feature['latent']}")

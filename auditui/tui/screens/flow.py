@@ -2,8 +2,12 @@
 
 One row per residual node of the graph (ascending layers); the pane below shows the current node's
 s^(R), s^(M), s^(A), class, logit-lens tokens and its MLP/attention predecessors. Enter re-roots the
-graph on the current node, `d` switches backward/forward/both, `x` runs the deactivation test on it,
-`s` adds it to the session's steering set, `e` exports DOT and Mermaid next to the database.
+graph on the current node, `[` and `]` go back and forward through the graphs shown (stored runs, not
+rebuilt), `d` switches backward/forward/both, `x` runs the deactivation test on it, `l` opens its
+latent page, `s` adds it to the session's steering set, `e` exports DOT and Mermaid next to the database.
+
+Reopened without a feature the screen shows the session's latest flow graph; given a feature it builds
+with the k, direction and thresholds of that latest run (the fields remember them).
 """
 
 from __future__ import annotations
@@ -35,12 +39,24 @@ def tokens(label: list[str] | None, n: int = 4) -> str:
 
 
 class FlowScreen(StepScreen):
-    HELP = ("Rows are the residual nodes of the flow graph, layer by layer. s^R/s^M/s^A: best decoder "
-            "cosine with the previous residual, the MLP-out and the attention-out SAEs. The graph is cut "
-            "where s^R < t_R; module predecessors below t_M are dropped. Every graph is saved as a run.")
+    HELP = ("Rows are the residual nodes of the flow graph, layer by layer; the pane lists the current node's "
+            "predecessors. Every graph is saved as a run; [ and ] walk back and forward through those shown here.")
+    TERMS = (("s^R, s^M, s^A", "the best decoder cosine of the node with a latent of the residual SAE one layer "
+                               "back (R), the MLP-out (M) and attention-out (A) SAEs of its layer"),
+             ("translated", "carried over from the previous residual (s^R high, s^M and s^A low)"),
+             ("processed", "carried over and changed by the MLP or attention (s^R high and s^M or s^A high)"),
+             ("newborn", "made by the MLP or attention at this layer (s^R low, s^M or s^A high)"),
+             ("unexplained", "every score low: no SAE latent explains where it comes from"),
+             ("t_R", "the cut: a chain of residual nodes stops where s^R < t_R (0.5, appendix B)"),
+             ("t_M", "MLP and attention predecessors scoring below t_M are dropped (0.15)"),
+             ("k", "matches kept per step (1: the paper's top-1 matching; more makes a DAG)"),
+             ("r", "deactivation test (x): the predecessor's activation is multiplied by r (0 removes it)"))
     BINDINGS = [
         Binding("enter", "reroot", "Re-root", show=False),
         Binding("ctrl+r", "build", "Build"),
+        Binding("left_square_bracket", "history(-1)", "Previous graph", key_display="[", show=False),
+        Binding("right_square_bracket", "history(1)", "Next graph", key_display="]", show=False),
+        Binding("l", "latent", "Latent page"),
         Binding("d", "direction", "Direction"),
         Binding("x", "deactivate", "Deactivate"),
         Binding("s", "steer", "Steer set +"),
@@ -58,6 +74,8 @@ class FlowScreen(StepScreen):
         self.graph: dict | None = None
         self.graph_run: int | None = None  # the stored run of the shown graph
         self.run_id = run_id
+        self.history: list[int] = []  # flow runs shown here, in order; `[` and `]` move through them
+        self.at = -1
 
     def params(self) -> list[tuple]:
         return [("feature", self.feature, 20), ("k", "1", 2, "integer"), ("dir", "both", 8), ("t_R", "0.5", 4, "number"),
@@ -66,10 +84,15 @@ class FlowScreen(StepScreen):
     def on_mount(self) -> None:
         self.title = "flow"
         self.table.add_columns("layer", "feature", "class", "s^R", "s^M", "s^A", "tokens")
+        runs = [r for r in self.store.runs(self.session_id, "flow") if r["result"]]
         if self.run_id is not None:
             self.show_stored(self.run_id)
         elif self.feature:
+            if runs:  # the latest run's k, direction and thresholds
+                self.set_params({**self.stored_fields(runs[-1]["params"]), "feature": self.feature})
             self.action_build()
+        elif runs:
+            self.show_stored(runs[-1]["id"])
         else:
             self.query_one("#param-feature").focus()
 
@@ -89,19 +112,30 @@ class FlowScreen(StepScreen):
     def on_input_submitted(self) -> None:
         self.action_build()
 
+    @staticmethod
+    def stored_fields(params: dict) -> dict[str, str]:
+        """The fields that built a stored flow run."""
+        return {"feature": params["root"], "k": str(params["k"]), "dir": params["direction"],
+                "t_R": f"{params['thresholds']['cut']:g}", "t_M": f"{params['thresholds']['module']:g}"}
+
     @guarded
-    def show_stored(self, run_id: int) -> None:
-        """A stored flow run's graph, the fields set to what built it."""
+    def show_stored(self, run_id: int, visit: bool = True) -> None:
+        """A stored flow run's graph, the fields set to what built it; `visit`: a new step in the history."""
         from auditui.engine.flow import FlowGraph, layer_rows
 
         run = self.store.run(run_id)
         if run["kind"] != "flow" or not run["result"]:
             raise AuditError(f"run {run_id} is not a stored flow graph")
-        params = run["params"]
-        self.set_params({"feature": params["root"], "k": str(params["k"]), "dir": params["direction"],
-                         "t_R": f"{params['thresholds']['cut']:g}", "t_M": f"{params['thresholds']['module']:g}"})
-        self.show_graph((run["result"], layer_rows(FlowGraph.from_dict(run["result"])), run_id))
-        self.title += f" · run {run_id}"
+        self.set_params(self.stored_fields(run["params"]))
+        self.show_graph((run["result"], layer_rows(FlowGraph.from_dict(run["result"])), run_id), visit)
+
+    def action_history(self, step: int) -> None:
+        """`[` / `]`: the previous / next graph shown here (as stored, the fields set to what built it)."""
+        if 0 <= self.at + step < len(self.history):
+            self.at += step
+            self.show_stored(self.history[self.at], visit=False)
+        else:
+            self.notify(f"no {'earlier' if step < 0 else 'later'} graph in this screen's history", timeout=2)
 
     @guarded
     def action_build(self) -> None:
@@ -119,8 +153,12 @@ class FlowScreen(StepScreen):
 
         self.submit(f"flow {req.feature}", job, on_done=self.show_graph)
 
-    def show_graph(self, result: tuple[dict, list[dict], int]) -> None:
+    def show_graph(self, result: tuple[dict, list[dict], int], visit: bool = True) -> None:
         self.graph, layers, self.graph_run = result
+        if visit and self.graph_run not in self.history[self.at:self.at + 1]:
+            del self.history[self.at + 1:]  # a new graph after going back drops the later ones
+            self.history.append(self.graph_run)
+            self.at = len(self.history) - 1
         self.rows = [node for layer in layers for node in layer["residual"]]
         table = self.table
         table.clear()
@@ -130,7 +168,8 @@ class FlowScreen(StepScreen):
                           score(scores.get("M")), score(scores.get("A")), Text(tokens(node.get("label"))),
                           key=node["id"])
         root = self.graph["root"]
-        self.title = f"flow · {root} · {len(self.rows)} residual nodes"
+        steps = f" · {self.at + 1}/{len(self.history)}" if len(self.history) > 1 else ""
+        self.title = f"flow · {root} · {len(self.rows)} residual nodes · run {self.graph_run}{steps}"
         if root in table.rows:
             table.move_cursor(row=table.get_row_index(root))
         table.focus()
@@ -170,6 +209,13 @@ class FlowScreen(StepScreen):
         if node is not None:
             self.store.add_feature(self.session_id, node["site"], node["latent"], source="flow")
             self.notify(f"{node['id']} added to the steering set", timeout=3)
+
+    def action_latent(self) -> None:
+        node = self.current()
+        if node is not None:
+            from auditui.tui.screens.latent import open_latent
+
+            open_latent(self, self.session_id, node["id"])
 
     @guarded
     def action_export(self) -> None:

@@ -102,6 +102,7 @@ class HeadsScreen(StepScreen):
     BINDINGS = [
         Binding("ctrl+r", "scan", "Scan"),
         Binding("f", "flow", "Flow"),
+        Binding("l", "latent", "Latent page"),
         Binding("s", "steer", "Steer set +"),
         Binding("b", "back", "Back"),
     ]
@@ -321,3 +322,10 @@ class HeadsScreen(StepScreen):
         site, latent = self.aligned()
         self.store.add_feature(self.session_id, site, latent, source="heads")
         self.notify(f"{site}/{latent} added to the steering set", timeout=3, markup=False)
+
+    @guarded
+    def action_latent(self) -> None:
+        from auditui.tui.screens.latent import open_latent
+
+        site, latent = self.aligned()
+        open_latent(self, self.session_id, f"{site}/{latent}")

@@ -31,6 +31,10 @@ def one_line(text: str, width: int = 200) -> Text:
 class SamplesScreen(AuditScreen):
     HELP = ("Enter in the prompt samples N completions (batched, seeded). In the completions table: "
             "+ positive (shows the behaviour), - negative, 0 unlabelled. A prompt with both labels is a pair.")
+    TERMS = (("pairs", "the number of prompts that have at least one + and one - completion (attribution "
+                       "compares them within each prompt); not the number of +/- combinations"),
+             ("+/-", "a prompt's positive / negative completion counts"),
+             ("+ - 0", "positive (shows the behaviour), negative, unlabelled"))
     BINDINGS = [
         Binding("ctrl+s", "sample", "Sample"),
         Binding("plus,equals_sign", "label('positive')", "+ pos", key_display="+"),
@@ -57,10 +61,10 @@ class SamplesScreen(AuditScreen):
         with Horizontal(id="prompt-row"):
             yield Label(" prompt › ")
             yield Input(placeholder="type a prompt, Enter samples N completions", id="prompt")
+            yield Static(id="pairs")
         with Horizontal(id="params"):
             yield ParamRow([("n", "8", 4, "integer"), ("temp", "1.0", 4, "number"), ("top-p", "0.95", 4, "number"),
                             ("max", "64", 4, "integer"), ("seed", "", 8, "integer")])
-            yield Static(id="pairs")
         with Horizontal(id="main"):
             yield DataTable(cursor_type="row", id="prompts")
             with Vertical(id="right"):
@@ -83,8 +87,33 @@ class SamplesScreen(AuditScreen):
         completions.add_column("completion")
         self.refresh_prompts()
         self.show_damaged()
+        self.check_model()
         # the screen's letter keys act unless the prompt is focused (p, or Tab); an empty session starts there
         (self.results() if self.query_one("#prompts", DataTable).row_count else self.query_one("#prompt", Input)).focus()
+
+    def check_model(self) -> None:
+        """A clear warning (and the subtitle) when the session was made with another model than the loaded
+        one: its stored token ids stand for other tokens here, and later steps would fail on them."""
+        engine = self.app.jobs.state.get("engine")  # type: ignore[attr-defined]
+        if engine is None:
+            return  # checked again once the model is loaded
+        lm = engine.lm
+        made = {self.store.session(self.session_id)["model_id"]} | {
+            c["model_id"] for c in self.store.completions(session_id=self.session_id)}
+        others = sorted(m for m in made - {lm.model_id, ""})
+        if not others:
+            return
+        stored = [c["token_ids"] or [] for c in self.store.completions(session_id=self.session_id)] + [
+            p["prompt_ids"] or [] for p in self.store.prompts(self.session_id)]
+        largest = max((i for ids in stored for i in ids), default=-1)
+        vocab = int(lm.model.config.vocab_size)
+        why = (f"its token ids go up to {largest}, beyond this model's vocabulary of {vocab}" if largest >= vocab else
+               "its stored token ids stand for other tokens in this model's vocabulary")
+        self.sub_title = visible(f"made with {', '.join(others)} · loaded {lm.model_id}")
+        self.notify(visible(f"This session was made with {', '.join(others)}, but {lm.model_id} is loaded: {why}, so "
+                            f"attribution, flow and steering on it would fail or mislead. Restart auditui with "
+                            f"--model {others[0]} to work on it."),
+                    title="another model", severity="warning", timeout=30, markup=False)
 
     def results(self) -> DataTable:
         completions = self.query_one("#completions", DataTable)
@@ -111,7 +140,7 @@ class SamplesScreen(AuditScreen):
             self.show_prompt(target)
 
     def show_pairs(self) -> None:
-        self.query_one("#pairs", Static).update(Text(f"  pairs: {len(self.store.pairs(self.session_id))}"))
+        self.query_one("#pairs", Static).update(Text(f" pairs: {len(self.store.pairs(self.session_id))} (prompts with + and -) "))
 
     @guarded
     def show_prompt(self, prompt_id: int) -> None:

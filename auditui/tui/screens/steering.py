@@ -24,16 +24,10 @@ from auditui.text import visible
 from auditui.tui.guard import guarded
 from auditui.tui.screens.base import StepScreen
 from auditui.tui.widgets.params import parse_number, parse_numbers
+from auditui.tui.widgets.tokens import sparkline
 
-BARS = "▁▂▃▄▅▆▇█"
 CYCLES = {"op": ("add", "rescale", "clamp", "mean_ablate"), "sched": ("constant", "linear", "exponential"),
           "mode": ("cumulative", "single"), "scope": ("all", "prompt", "generated")}
-
-
-def sparkline(values: list[float]) -> str:
-    low, high = min(values), max(values)
-    span = (high - low) or 1.0
-    return "".join(BARS[round((v - low) / span * (len(BARS) - 1))] for v in values)
 
 
 class SteeringScreen(StepScreen):
@@ -48,6 +42,7 @@ class SteeringScreen(StepScreen):
         Binding("m", "cycle('mode')", "Single/cumul."),
         Binding("p", "cycle('scope')", "Scope"),
         Binding("w", "sweep", "Sweep (judged)"),
+        Binding("l", "latent", "Latent page"),
         Binding("v", "steering_set", "Steering set"),
         Binding("b", "back", "Back"),
     ]
@@ -243,3 +238,10 @@ class SteeringScreen(StepScreen):
                     text.append(visible(token).replace("\n", "⏎"), style="underline" if i in steered else "")
                 text.append("\n")
         self.show_detail(text)
+
+    def action_latent(self) -> None:
+        row = self.current()
+        if row is not None:
+            from auditui.tui.screens.latent import open_latent
+
+            open_latent(self, self.session_id, row["feature"])

@@ -22,18 +22,23 @@ class StatusBar(Horizontal):
         self.sync(self.app)
 
     def sync(self, app: object) -> None:
-        """Copy the app's engine/job state (the app calls this on every change)."""
+        """Copy the app's engine/job state (the app calls this on every change; a bar not composed yet, or
+        being removed as the app closes, has nothing to update)."""
+        bars, engines = self.query(ProgressBar), self.query("#engine-state")
+        if not bars or not engines:
+            return
         self.engine_text = getattr(app, "engine_status", "")
         job = getattr(app, "job_status", None)
         self.job_text = job[0] if job else ""
-        bar = self.query_one(ProgressBar)
-        bar.display = job is not None
-        self.query_one("#engine-state").display = job is None  # the job's stage and count need the room
+        bars.first().display = job is not None
+        engines.first().display = job is None  # the job's stage and count need the room
         if job is not None:
-            bar.update(total=job[2] or None, progress=job[1])
+            bars.first().update(total=job[2] or None, progress=job[1])
 
     def watch_engine_text(self, text: str) -> None:
-        self.query_one("#engine-state", Static).update(Text(text))
+        for static in self.query("#engine-state").results(Static):
+            static.update(Text(text))
 
     def watch_job_text(self, text: str) -> None:
-        self.query_one("#job-state", Static).update(Text(text))
+        for static in self.query("#job-state").results(Static):
+            static.update(Text(text))
