@@ -162,10 +162,12 @@ def iter_sample_batches(lm: LoadedModel, prompt_ids: list[int], n: int, params: 
         seeds = [seed + i for i in range(start, min(n, start + batch_size))]
         batch = generate_rows(lm, [prompt_ids] * len(seeds), seeds, params, edits, progress,
                               start * params.max_new_tokens, total)
+        stopped = any(sample.finish_reason == "cancelled" for sample in batch)
+        if not stopped:  # the batch's share in full (rows that ended early), before the caller stores it
+            progress.progress((start + len(seeds)) * params.max_new_tokens, total, "sampling")
         yield batch
-        if any(sample.finish_reason == "cancelled" for sample in batch):
+        if stopped:
             return
-        progress.progress((start + len(seeds)) * params.max_new_tokens, total, "sampling")
 
 
 def sample_completions(lm: LoadedModel, prompt_ids: list[int], n: int, params: SamplingParams, seed: int,

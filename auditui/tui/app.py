@@ -49,7 +49,7 @@ class AuditApp(App):
         self.job_status: tuple[str, float, float] | None = None
         self.jobs = EngineQueue(self.post_message)
         self.pack: Any = None  # the loaded SAE pack's PackInfo (manifest), once the engine is up
-        self._stage: tuple = (None, "", 0.0, 0.0)  # (job, stage, when it started, done then): the ETA's clock
+        self._clocks: tuple = (None, {})  # (job, {stage: (when it started, done then)}): the ETA's clock per stage
 
     # -- start-up ------------------------------------------------------------------------------
     def on_mount(self) -> None:
@@ -100,8 +100,8 @@ class AuditApp(App):
     # -- jobs ----------------------------------------------------------------------------------
     def submit(self, title: str, fn: Callable[[JobContext], Any], on_done: Callable[[Any], None] | None = None,
                on_error: Callable[[str], None] | None = None, needs_engine: bool = True,
-               cancellable: bool = True) -> Job:
-        """Queue engine work; `fn(ctx)` runs on the engine thread, callbacks on the UI thread.
+               cancellable: bool = True, stages: tuple[str, ...] = ()) -> Job:
+        """Queue engine work; `fn(ctx)` runs on the engine thread, callbacks on the UI thread; `stages`: see Job.
 
         A job that is not cancellable (the model load: everything after it needs the model) runs to
         its end when Esc is pressed; Esc then only drops the jobs queued behind it."""
@@ -109,18 +109,23 @@ class AuditApp(App):
             if needs_engine and "engine" not in ctx.state:
                 raise AuditError(f"the model is not loaded{': ' + self.engine_error if self.engine_error else ''}")
             return fn(ctx)
-        return self.jobs.submit(Job(title, run, on_done, on_error, cancellable=cancellable))
+        return self.jobs.submit(Job(title, run, on_done, on_error, cancellable=cancellable, stages=stages))
 
     def on_job_started(self, message: JobStarted) -> None:
         self._set_job((message.job.title, 0, 0))
 
     def on_job_progress(self, message: JobProgress) -> None:
         stage = message.message if message.message != message.job.title else ""
-        if self._stage[:2] != (message.job, stage) or message.done < self._stage[3]:  # a new stage: its own clock
-            self._stage = (message.job, stage, time.monotonic(), message.done)
+        if self._clocks[0] is not message.job:
+            self._clocks = (message.job, {})
+        clocks = self._clocks[1]  # a stage keeps its clock when the job comes back to it (sampling after saving)
+        if stage not in clocks or message.done < clocks[stage][1]:  # a new stage, or its count restarted
+            clocks[stage] = (time.monotonic(), message.done)
+        started, done_then = clocks[stage]
         count = f" {message.done:g}/{message.total:g}" if message.total else ""
-        left = eta(time.monotonic() - self._stage[2], message.done - self._stage[3], message.total - message.done)
-        self._set_job((f"{message.job.title}{': ' * bool(stage)}{stage}{count}{left}", message.done, message.total))
+        left = eta(time.monotonic() - started, message.done - done_then, message.total - message.done)
+        head = message.job.title + stage_of(message.job.stages, message.message)
+        self._set_job((f"{head}{': ' * bool(stage)}{stage}{count}{left}", message.done, message.total))
 
     def on_job_done(self, message: JobDone) -> None:
         self._set_job(None)
@@ -209,6 +214,12 @@ def eta(elapsed: float, done: float, left: float) -> str:
     shown = f"{seconds}s" if seconds < 60 else (f"{seconds // 60}m{seconds % 60:02d}s" if seconds < 3600
                                                  else f"{seconds // 3600}h{seconds % 3600 // 60:02d}m")
     return f" · ~{shown} left"
+
+
+def stage_of(stages: tuple[str, ...], message: str) -> str:
+    """" · stage k/n" when `message` begins with the k-th of a job's n > 1 `stages`; "" otherwise."""
+    k = next((i for i, name in enumerate(stages) if message.startswith(name)), None)
+    return f" · stage {k + 1}/{len(stages)}" if k is not None and len(stages) > 1 else ""
 
 
 def own_keys(node: App | Screen) -> list[tuple[str, Binding]]:

@@ -34,6 +34,7 @@ class Job:
     on_done: Callable[[Any], None] | None = None
     on_error: Callable[[str], None] | None = None
     cancellable: bool = True
+    stages: tuple[str, ...] = ()  # the job's stages in order, as its progress messages begin: "stage k/n" in the label
     cancel: threading.Event = field(default_factory=threading.Event)
 
 

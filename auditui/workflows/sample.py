@@ -1,9 +1,10 @@
 """Sample N completions of a prompt into a session: the prompt first, then each batch's completions
 as soon as it finishes, and a run of kind "sample" (params, provenance, completion ids).
 
-A request that cannot be sampled is refused before anything is stored. A stop keeps the finished
-completions (unfinished rows are dropped) and records the run as cancelled with what it holds; a prompt
-left without any completion is removed.
+Progress: the engine's token steps ("sampling"), then "saving N completions" (no count) while a
+finished batch is written. A request that cannot be sampled is refused before anything is stored. A
+stop keeps the finished completions (unfinished rows are dropped) and records the run as cancelled with
+what it holds; a prompt left without any completion is removed.
 """
 
 from __future__ import annotations
@@ -68,11 +69,13 @@ def sample(store: Store, lm: LoadedModel, session_id: int, request: SampleReques
         completion_ids: list[int] = []
         try:
             for batch in iter_sample_batches(lm, prompt_ids, request.n, params, seed, request.batch_size, progress):
-                for item in batch:
-                    if item.finish_reason != "cancelled":
-                        completion_ids.append(store.add_completion(
-                            prompt_id, item.text, item.token_ids, item.seed, stored, model_id=lm.model_id,
-                            pack_id=pack_id, finish_reason=item.finish_reason, run_id=run.run_id))
+                finished = [item for item in batch if item.finish_reason != "cancelled"]
+                # named while stored (no count: not a full bar that seems stuck)
+                progress.progress(0, 0, f"saving {len(finished)} completion{'s' * (len(finished) != 1)}")
+                for item in finished:
+                    completion_ids.append(store.add_completion(
+                        prompt_id, item.text, item.token_ids, item.seed, stored, model_id=lm.model_id,
+                        pack_id=pack_id, finish_reason=item.finish_reason, run_id=run.run_id))
         finally:
             if not completion_ids:  # stopped (or failed) before the first completion: no empty prompt is left
                 store.delete_empty_prompt(prompt_id)

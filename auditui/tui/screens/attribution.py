@@ -10,6 +10,10 @@ it to the steering set.
 label; the rows the run stored), the most negative ones (pushing toward the negative label) or the
 largest |Δ-attribution| with its sign. The other tails come from the run's full Δ vectors (its
 "deltas" blob), top_k per site as the run was asked; their logit lens needs the run's SAEs loaded.
+
+`m` switches the baseline column between the within-model Δ-activation (positive minus negative
+completions) and the model-diffing Δ-activation (audited minus the session's reference model) of the
+run's newest model-diffing child run; with none yet and a reference model named, it computes one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from auditui.tui.widgets.tokens import heat
 
 BAR = 10
 TAILS = {"positive": "top +Δ", "negative": "top -Δ", "magnitude": "top |Δ|"}
+BASELINES = {"within": ("Δ-act", "act#", "delta_act", "act_rank"),  # header, rank header, row keys
+             "models": ("Δ-act models", "diff#", "delta_diff", "diff_rank")}
 
 
 def tail_latents(attr, k: int, tail: str) -> list[int]:  # type: ignore[no-untyped-def]
@@ -38,8 +44,10 @@ def tail_rows(store, run: dict, tail: str, engine=None) -> list[dict]:  # type: 
     """Result rows of an attribution run's `tail` from its full Δ vectors, the run's exact checks merged;
     labelled by logit lens when `engine` holds the SAE the run used for a site (on the engine thread)."""
     from auditui.engine.attribution import descending_ranks, ranked_rows
+    from auditui.engine.diffing import annotate_attribution
     from auditui.engine.sites import Site
     from auditui.workflows.attribute import run_deltas
+    from auditui.workflows.diffing import diff_deltas
 
     deltas, params = run_deltas(store, run["id"]), run["params"]
     exact = {(r["site"], r["latent"]): r["exact"] for r in run["result"]["rows"]}
@@ -53,7 +61,12 @@ def tail_rows(store, run: dict, tail: str, engine=None) -> list[dict]:  # type: 
         attr_ranks, act_ranks = descending_ranks(attr), descending_ranks(act)
         rows += [{"site": name, "latent": i, "rank": int(attr_ranks[i]), "delta_attr": float(attr[i]),
                   "delta_act": float(act[i]), "act_rank": int(act_ranks[i]), "logit_lens": []} for i in latents]
-    return [{**row, "exact": exact.get((row["site"], row["latent"]))} for row in rows]
+    rows = [{**row, "exact": exact.get((row["site"], row["latent"]))} for row in rows]
+    if run["result"].get("diff_run") is not None:  # the model-diffing column, as attribution_with_diff adds it
+        sites = {name: dict(info) for name, info in run["result"]["sites"].items()}
+        annotate_attribution({"sites": sites, "rows": rows, "notes": []}, diff_deltas(store, run["result"]["diff_run"]),
+                             run["result"]["diff_run"])
+    return rows
 
 
 def bar(value: float, largest: float) -> Text:
@@ -74,6 +87,8 @@ class AttributionScreen(StepScreen):
              ("Δ-attr", "mean over prompts of (positive minus negative) attribution: > 0 pushes toward the positive label"),
              ("Δ-act", "the SAE activation difference, positive minus negative completions"),
              ("act#", "the latent's rank by Δ-act at its site (compare with # : the two baselines agree when close)"),
+             ("Δ-act models", "m: model diffing, the mean SAE activation in the audited minus the session's reference "
+                              "model over the same tokens (a second baseline; diff# its rank)"),
              ("exact", "the real change of the loss when the latent is mean-ablated (c checks it)"),
              ("tail", "o: top +Δ (toward the positive label), top -Δ (toward the negative; steer away) or top |Δ|"),
              ("positions", "prompt, completion or all: the tokens the attribution averages over"))
@@ -86,6 +101,7 @@ class AttributionScreen(StepScreen):
         Binding("s", "steer", "Steer set +"),
         Binding("t", "steering", "Steer top 10"),
         Binding("o", "tail", "Tail +/-/|Δ|"),
+        Binding("m", "baseline", "Baseline within/models"),
         Binding("b", "back", "Back"),
     ]
 
@@ -96,6 +112,7 @@ class AttributionScreen(StepScreen):
         super().__init__(session_id)
         self.run: dict | None = None
         self.tail = "positive"
+        self.baseline = "within"
         self.opening = run_id
 
     def params(self) -> list[tuple]:
@@ -114,8 +131,7 @@ class AttributionScreen(StepScreen):
     @guarded
     def on_mount(self) -> None:
         self.title = "attribution"
-        self.table.add_columns("#", "site", "latent", "Δ-attr", "", "Δ-act", "act#",
-                                                          "exact", "tokens")
+        self.add_columns()
         runs = [r for r in self.store.runs(self.session_id, "attribution") if r["result"]]  # done or partial
         runs = [r for r in runs if r["id"] == self.opening] if self.opening is not None else runs
         if runs:
@@ -124,6 +140,10 @@ class AttributionScreen(StepScreen):
             self.set_params({"sites": " ".join(params["sites"]), "top": str(params["top_k"]),
                              "check": str(params["check"]), "positions": params["positions"]})
         self.show_damaged()
+
+    def add_columns(self) -> None:
+        header, rank, *_ = BASELINES[self.baseline]
+        self.table.add_columns("#", "site", "latent", "Δ-attr", "", header, rank, "exact", "tokens")
 
     # -- running -------------------------------------------------------------------------------
     def request(self):  # type: ignore[no-untyped-def]
@@ -156,7 +176,8 @@ class AttributionScreen(StepScreen):
             if new:
                 self.show_run(new[-1])
 
-        self.submit("attribution", job, on_done=self.show_run, on_error=stopped)
+        self.submit("attribution", job, on_done=self.show_run, on_error=stopped,
+                    stages=("reference mean", "attribution", "exact check")[:3 if req.check else 2])
 
     def on_input_submitted(self) -> None:
         self.action_run()
@@ -164,9 +185,9 @@ class AttributionScreen(StepScreen):
     @guarded
     def show_run(self, run_id: int) -> None:
         """The run with its exact checks; its status in the title when it is not done."""
-        from auditui.workflows.attribute import attribution_run
+        from auditui.workflows.diffing import attribution_with_diff
 
-        run = attribution_run(self.store, run_id)
+        run = attribution_with_diff(self.store, run_id)
         self.run = run if run["result"] else None
         if self.run is None:
             self.rows = []
@@ -190,17 +211,23 @@ class AttributionScreen(StepScreen):
         if run is None:
             return
         status = "" if run["status"] == "done" else f" · {run['status']}"
+        if run["result"].get("diff_run") is None:
+            self.baseline = "within"  # this run has no model-diffing column
         self.rows = rows
         largest = max((abs(r["delta_attr"]) for r in self.rows), default=0.0)
         table = self.table
         row_index = table.cursor_row
-        table.clear()
+        table.clear(columns=True)
+        self.add_columns()
+        *_, value, rank = BASELINES[self.baseline]
         for row in self.rows:
             table.add_row(str(row["rank"]), row["site"], str(row["latent"]), number(row["delta_attr"]),
-                          bar(row["delta_attr"], largest), number(row["delta_act"]), str(row["act_rank"]),
+                          bar(row["delta_attr"], largest), number(row.get(value)), str(row.get(rank, "-")),
                           number(row["exact"]), Text(" ".join(repr(t)[1:-1] for t in row["logit_lens"][:4])),
                           key=f"{row['site']}/{row['latent']}")
-        self.title = f"attribution · run {run['id']} · {run['result']['n_prompts']} prompts · {TAILS[self.tail]}{status}"
+        models = " · Δ-act models" if self.baseline == "models" else ""
+        self.title = (f"attribution · run {run['id']} · {run['result']['n_prompts']} prompts · {TAILS[self.tail]}"
+                      f"{models}{status}")
         self.show_detail(summary_text(run["summary"]))
         if table.row_count:
             table.move_cursor(row=min(row_index, table.row_count - 1))
@@ -212,12 +239,49 @@ class AttributionScreen(StepScreen):
         if self.run is not None:
             self.show_run(self.run["id"])
 
+    @guarded
+    def action_baseline(self) -> None:
+        """Switch the baseline column; the model-diffing one is computed first when the run has none yet."""
+        run = self.run
+        if run is None:
+            return
+        if self.baseline == "models" or run["result"].get("diff_run") is not None:
+            self.baseline = "within" if self.baseline == "models" else "models"
+            self.show_rows(self.rows)
+            return
+        spec = self.store.session(self.session_id)["reference_model"]
+        if not spec:
+            raise AuditError(f"run {run['id']} has no model-diffing Δ-activation and the session names no reference "
+                             f"model; set one with: auditui session reference {self.session_id} MODEL")
+        store, session_id, settings = self.store, self.session_id, self.app.settings  # type: ignore[attr-defined]
+
+        def job(ctx):  # type: ignore[no-untyped-def]
+            from auditui.engine.sites import Site
+            from auditui.workflows.diffing import DiffRequest, diff_activation, load_reference
+
+            engine = self.engine(ctx)
+            if ctx.state.get("reference", ("",))[0] != spec:  # loaded once, kept beside the audited model
+                ctx.state.pop("reference", None)
+                ctx.state["reference"] = (spec, load_reference(settings, spec, engine.lm, ctx))
+            request = DiffRequest(sites=tuple(Site.parse(s) for s in run["params"]["sites"]), top_k=run["params"]["top_k"],
+                                  batch_size=run["params"].get("batch_size", 8))
+            diff_activation(store, engine, ctx.state["reference"][1], session_id, request, ctx, attribution_run=run["id"])
+            return run["id"]
+
+        def done(run_id: int) -> None:
+            self.baseline = "models"
+            self.show_run(run_id)
+
+        self.submit("model diffing", job, on_done=done, stages=("loading", "model diffing"))
+
     def on_data_table_row_highlighted(self) -> None:
         row = self.current()
         if row is not None:
             text = Text(f"{row['site']}/{row['latent']}  ", style="bold")
+            models = (f" · Δ-act models {number(row['delta_diff'])} (rank {row['diff_rank']})"
+                      if "delta_diff" in row else "")
             text.append(f"Δ-attr {number(row['delta_attr'])} · Δ-act {number(row['delta_act'])} "
-                        f"(rank {row['act_rank']}) · exact {number(row['exact'])}\n")
+                        f"(rank {row['act_rank']}){models} · exact {number(row['exact'])}\n")
             text.append("logit lens: " + " ".join(repr(t)[1:-1] for t in row["logit_lens"]))
             self.show_detail(text)
 

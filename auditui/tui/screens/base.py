@@ -23,9 +23,9 @@ class AuditScreen(Screen):
         return self.app.store  # type: ignore[attr-defined]
 
     def submit(self, title: str, fn: Callable[[Any], Any], on_done: Callable[[Any], None] | None = None,
-               on_error: Callable[[str], None] | None = None) -> Any:
+               on_error: Callable[[str], None] | None = None, stages: tuple[str, ...] = ()) -> Any:
         """Queue engine work (see AuditApp.submit): `fn(ctx)` on the engine thread, callbacks here."""
-        return self.app.submit(title, fn, on_done=on_done, on_error=on_error)  # type: ignore[attr-defined]
+        return self.app.submit(title, fn, on_done=on_done, on_error=on_error, stages=stages)  # type: ignore[attr-defined]
 
     def engine(self, ctx: Any) -> Any:
         """The loaded Engine, inside a job."""

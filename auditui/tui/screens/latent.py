@@ -107,7 +107,8 @@ class LatentScreen(AuditScreen):
         def stopped(error: str) -> None:
             self.query_one("#notice", Static).update(Text(one_line(f"not computed: {error}")))
 
-        self.submit(f"latent {feature}", job, on_done=self.show_page, on_error=stopped)
+        self.submit(f"latent {feature}", job, on_done=self.show_page, on_error=stopped,
+                    stages=("held-out corpus", "session texts"))
 
     # -- rendering -----------------------------------------------------------------------------
     def show_page(self, page: dict) -> None:

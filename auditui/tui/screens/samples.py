@@ -12,6 +12,7 @@ from auditui.errors import AuditError
 from auditui.text import visible
 from auditui.tui.guard import guarded
 from auditui.tui.screens.base import AuditScreen
+from auditui.tui.screens.sessions import models_line
 from auditui.tui.widgets.params import ParamRow, parse_number
 from auditui.tui.widgets.status import StatusBar
 
@@ -76,7 +77,9 @@ class SamplesScreen(AuditScreen):
 
     @guarded
     def on_mount(self) -> None:
-        self.title = " ".join(visible(self.store.session(self.session_id)["name"]).split())
+        session = self.store.session(self.session_id)
+        self.title = " ".join(visible(session["name"]).split())
+        self.sub_title = models_line(session)
         prompts = self.query_one("#prompts", DataTable)
         prompts.add_column("id")
         prompts.add_column("prompt", width=17)
@@ -109,7 +112,8 @@ class SamplesScreen(AuditScreen):
         vocab = int(lm.model.config.vocab_size)
         why = (f"its token ids go up to {largest}, beyond this model's vocabulary of {vocab}" if largest >= vocab else
                "its stored token ids stand for other tokens in this model's vocabulary")
-        self.sub_title = visible(f"made with {', '.join(others)} · loaded {lm.model_id}")
+        self.sub_title = visible(f"made with {', '.join(others)} · loaded ") + models_line(
+            self.store.session(self.session_id), lm.model_id)
         self.notify(visible(f"This session was made with {', '.join(others)}, but {lm.model_id} is loaded: {why}, so "
                             f"attribution, flow and steering on it would fail or mislead. Restart auditui with "
                             f"--model {others[0]} to work on it."),

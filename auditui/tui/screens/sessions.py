@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -18,6 +19,15 @@ from auditui.tui.widgets.status import StatusBar
 
 def when(timestamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp)) if timestamp else ""
+
+
+def models_line(session: dict, audited: str = "") -> str:
+    """The session's audited model (`audited`, else the one it was made with) and its reference model when it
+    names one ("tiny-gpt2-planted vs reference tiny-gpt2"; a local reference by its folder's name), on one line."""
+    reference = session.get("reference_model") or ""
+    reference = Path(reference).name if Path(reference).is_absolute() else reference
+    audited = audited or session["model_id"] or ""
+    return one_line(f"{audited or '?'} vs reference {reference}" if reference else audited)
 
 
 class SessionsScreen(AuditScreen):
@@ -41,7 +51,7 @@ class SessionsScreen(AuditScreen):
     @guarded
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("id", "name", "updated", "prompts", "completions", "runs")
+        table.add_columns("id", "name", "updated", "prompts", "completions", "runs", "models")
         self.refresh_rows()
 
     @guarded
@@ -60,7 +70,7 @@ class SessionsScreen(AuditScreen):
         table.clear()
         for row in rows:
             table.add_row(str(row["id"]), Text(one_line(row["name"])), when(row["updated"]), str(row["n_prompts"]),
-                          str(row["n_completions"]), str(row["n_runs"]), key=str(row["id"]))
+                          str(row["n_completions"]), str(row["n_runs"]), Text(models_line(row)), key=str(row["id"]))
         if select is not None and str(select) in table.rows:
             table.move_cursor(row=table.get_row_index(str(select)))
 

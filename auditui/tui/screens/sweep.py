@@ -169,7 +169,8 @@ class SweepScreen(StepScreen):
                 self.show_run(new[-1])
 
         self.show_detail(Text(visible(f"sampling, then the judge {config.model} at {config.base_url} grades every text…")))
-        self.submit("sweep", job, on_done=self.show_run, on_error=stopped)
+        self.submit("sweep", job, on_done=self.show_run, on_error=stopped,
+                    stages=("reference mean", "sampling", "judge", "perplexity"))
 
     def on_input_submitted(self) -> None:
         self.show_detail(self.judge_note())
