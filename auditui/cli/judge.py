@@ -30,6 +30,7 @@ from auditui.cli.common import (
     ModelOpt,
     PackOpt,
     Printer,
+    ReferenceModelOpt,
     SaeOpt,
     SessionOpt,
     emit,
@@ -186,6 +187,7 @@ def sweep(prompt: PromptOpt, subject: SubjectOpt = None, rubric: RubricOpt = "be
           compare_layers: Annotated[bool, typer.Option("--compare-layers", help="single vs cumulative per layer")] = False,
           seed: SeedOpt = None, max_new_tokens: MaxNewOpt = 48, temperature: TemperatureOpt = 1.0, top_p: TopPOpt = 0.95,
           raw: RawOpt = False, system: SystemOpt = None, plot: PlotOpt = None, on: OnOpt = "audited",
+          reference_model: ReferenceModelOpt = None,
           judge_url: UrlOpt = None, judge_model: JudgeModelOpt = None, concurrency: ConcurrencyOpt = 4,
           session: SessionOpt = None, model: ModelOpt = None, pack: PackOpt = None, sae: SaeOpt = None,
           device: DeviceOpt = None, dtype: DtypeOpt = None, db: DbOpt = None, as_json: JsonOpt = False) -> None:
@@ -200,7 +202,7 @@ def sweep(prompt: PromptOpt, subject: SubjectOpt = None, rubric: RubricOpt = "be
     judge = _judge(settings, judge_url, judge_model, concurrency)
     with open_store(db) as store:
         session_id = store.resolve_session(session)
-        settings = steered_settings(store, session_id, settings, on)
+        settings, on = steered_settings(store, session_id, settings, on, reference_model)
         plan = plan_from(store, session_id, plan_file, from_flow, from_attribution, top, from_set, features, op,
                          coefficient, mode, layer, schedule, end, alpha, fold, scope)
         request = SweepRequest(plan, prompt, grading, tuple(strength or (1.0, 2.0, 4.0, 8.0)), n,
@@ -243,7 +245,7 @@ def validate(prompt: PromptOpt, from_attribution: Annotated[int, typer.Option("-
     judge = _judge(settings, judge_url, judge_model, concurrency)
     with open_store(db) as store:
         session_id = store.resolve_session(session)
-        other = engine_for(steered_settings(store, session_id, settings, "reference"), sae) if reference else None
+        other = engine_for(steered_settings(store, session_id, settings, "reference")[0], sae) if reference else None
         engine = engine_for(settings, sae)
         out = _run_output(store, validate_workflow(store, engine, session_id, request, judge, Printer(), other),
                           session_id)

@@ -56,14 +56,26 @@ def plan_from(store: Store, session_id: int, plan_file: Path | None, from_flow: 
     return plan_for(store, session_id, source, **options)
 
 
-def steered_settings(store: Store, session_id: int, settings: Settings, on: str) -> Settings:
-    """The settings of the model `--on` names: the session's reference model keeps the same SAE sources,
-    attached to (and checked against) it."""
-    from auditui.workflows.diffing import session_reference
+def steered_settings(store: Store, session_id: int, settings: Settings, on: str,
+                     reference_model: str | None = None) -> tuple[Settings, str]:
+    """(the settings of the model `--on` names, the --on value in effect): the session's reference
+    model keeps the same SAE sources, attached to (and checked against) it. `--reference-model M` steers M (implies --on reference): a
+    session without a reference model gets M, checked against the audited model as `session reference`
+    does; a session naming another one is refused."""
+    from auditui.errors import AuditError
+    from auditui.workflows.diffing import load_models, session_reference, set_reference_model, stored_spec
     from auditui.workflows.steer import check_on
 
     check_on(on)
-    return settings.with_overrides(model=session_reference(store, session_id)) if on == "reference" else settings
+    if reference_model is not None:
+        current = store.session(session_id)["reference_model"]
+        if current and current != stored_spec(reference_model):
+            raise AuditError(f"session {session_id} names the reference model {current}; change it with "
+                             f"auditui session reference {session_id} MODEL")
+        if not current:
+            set_reference_model(store, session_id, *load_models(settings, reference_model), reference_model)
+        on = "reference"
+    return (settings.with_overrides(model=session_reference(store, session_id)) if on == "reference" else settings), on
 
 
 def sampling_from(temperature: float, top_p: float, max_new_tokens: int, raw: bool, system: str | None) -> SamplingParams:

@@ -28,6 +28,7 @@ from auditui.cli.common import (
     ModelOpt,
     PackOpt,
     Printer,
+    ReferenceModelOpt,
     SaeOpt,
     SessionOpt,
     emit,
@@ -77,7 +78,7 @@ def steer(prompt: PromptOpt, plan_file: PlanFileOpt = None, from_flow: FromFlowO
           seed: SeedOpt = None, max_new_tokens: MaxNewOpt = 48, temperature: TemperatureOpt = 1.0, top_p: TopPOpt = 0.95,
           raw: RawOpt = False, system: SystemOpt = None,
           batch_size: Annotated[int | None, typer.Option("--batch-size", help="rows per batch (default all)")] = None,
-          on: OnOpt = "audited",
+          on: OnOpt = "audited", reference_model: ReferenceModelOpt = None,
           session: SessionOpt = None, model: ModelOpt = None, pack: PackOpt = None, sae: SaeOpt = None,
           device: DeviceOpt = None, dtype: DtypeOpt = None, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Sample a prompt without and with a steering plan (one batch per strength grid)."""
@@ -87,7 +88,7 @@ def steer(prompt: PromptOpt, plan_file: PlanFileOpt = None, from_flow: FromFlowO
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
     with open_store(db) as store:
         session_id = store.resolve_session(session)
-        settings = steered_settings(store, session_id, settings, on)
+        settings, on = steered_settings(store, session_id, settings, on, reference_model)
         plan = plan_from(store, session_id, plan_file, from_flow, from_attribution, top, from_set, features, op,
                          coefficient, mode, layer, schedule, end, alpha, fold, scope)
         request = SteerRequest(plan, prompt, tuple(strength or [1.0]), n,

@@ -145,3 +145,14 @@ def test_steer_on_the_reference_model(db, models):
     assert reference_run["params"]["on"] == "reference" and audited_run["params"]["on"] == "audited"
     unsteered_ids = {c["id"] for c in store.completions(session_id=1, steered=False)}
     assert unsteered_ids.isdisjoint(r["id"] for r in rows)
+
+
+def test_steer_with_reference_model_sets_it_once_and_refuses_another(db, models):
+    steer = ["steer", "--features", f"{SITE}/{LATENT}:add:4", "--prompt", "Once", "-n", "1", "--seed", "0",
+             "--max-new-tokens", "3", "--raw", *_engine_args(db, models)]
+    data = json.loads(ok(*steer, "--reference-model", models["reference"], "--json"))
+    assert (data["on"], data["model_id"]) == ("reference", "tiny-gpt2")
+    assert Store(db).session(1)["reference_model"] == str(models["reference"].resolve())
+    before = db.read_bytes()
+    assert "names the reference model" in fails(*steer, "--reference-model", models["vocabulary"])
+    assert db.read_bytes() == before
