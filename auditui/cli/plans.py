@@ -59,9 +59,9 @@ def plan_from(store: Store, session_id: int, plan_file: Path | None, from_flow: 
 def steered_settings(store: Store, session_id: int, settings: Settings, on: str,
                      reference_model: str | None = None) -> tuple[Settings, str]:
     """(the settings of the model `--on` names, the --on value in effect): the session's reference
-    model keeps the same SAE sources, attached to (and checked against) it. `--reference-model M` steers M (implies --on reference): a
-    session without a reference model gets M, checked against the audited model as `session reference`
-    does; a session naming another one is refused."""
+    model keeps the same SAE sources, attached to (and checked against) it. `--reference-model M`
+    steers M (implies --on reference): a session without a reference model gets M, checked against
+    the audited model as `session reference` does; a session naming another one is refused."""
     from auditui.errors import AuditError
     from auditui.workflows.diffing import load_models, session_reference, set_reference_model, stored_spec
     from auditui.workflows.steer import check_on
