@@ -98,8 +98,9 @@ class SamplesScreen(AuditScreen):
         """A clear warning (and the subtitle) when the session was made with another model than the loaded
         one: its stored token ids stand for other tokens here, and later steps would fail on them."""
         engine = self.app.jobs.state.get("engine")  # type: ignore[attr-defined]
-        if engine is None:
-            return  # checked again once the model is loaded
+        if engine is None or getattr(self, "_checked_model", None) == engine.lm.model_id:
+            return  # checked again once the model is loaded; once per model (open and load may both ask)
+        self._checked_model = engine.lm.model_id
         lm = engine.lm
         made = {self.store.session(self.session_id)["model_id"]} | {
             c["model_id"] for c in self.store.completions(session_id=self.session_id)}
