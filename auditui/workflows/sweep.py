@@ -179,6 +179,7 @@ def sample_and_grade(store: Store, engine: Engine, session_id: int, run_id: int,
         if any(pk is None for pk in ids):
             break
     kept = [r for r in rows if r[3] is not None]
+    store.delete_empty_prompt(prompt_id)  # stopped before its first completion: no empty prompt is left
     completions = store.completions_by_ids([r[3] for r in kept])
     grades, tally = grade(store, session_id, judge, grading,
                           [Item(c["id"], batch.prompt, c["text"]) for c in completions], run_id, progress)

@@ -223,3 +223,18 @@ def test_validation_with_a_reference_model_steers_toward_on_it_and_away_on_the_a
         delta = latent_row["toward"]["delta_behaviour"]
         if steered and base:
             assert delta == pytest.approx(statistics.fmean(steered) - statistics.fmean(base))
+
+
+def test_a_sweep_stopped_at_once_is_cancelled_and_leaves_no_empty_prompt(setup):
+    from helpers import Probe
+
+    store, engine, session_id = setup
+    prompts = len(store.prompts(session_id))
+    plan = plan_for(store, session_id, PlanSource(typed="2/resid_post/5:add:1"))
+    request = SweepRequest(plan, "Once", GRADING, strengths=(20,), n=2, params=GREEDYISH, seed=5, band=2)
+    with Scripted([answer]) as server:
+        run = store.run(sweep(store, engine, session_id, request, Judge(JudgeConfig(server.url, "rule")),
+                              Probe(stop=lambda events: True)))
+        assert server.count == 0
+    assert run["status"] == "cancelled" and run["result"]["best"] is None
+    assert len(store.prompts(session_id)) == prompts
