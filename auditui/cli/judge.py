@@ -16,6 +16,7 @@ Every result says which judge graded, and the share of texts it could not score.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -161,8 +162,8 @@ def serve(port: Annotated[int, typer.Option("--port", help="loopback port")] = D
     from auditui.workflows.judge import local_judge_model_dir
 
     settings = settings_from(model=model, device=device, dtype=dtype)
-    name = judge_model or ("echo" if echo else "local-judge")
     source = "echo" if echo else str(local_judge_model_dir(settings, Printer()))
+    name = judge_model or ("echo" if echo else f"local-{Path(source).name}")  # the cache is keyed by this name
     args = katan_args(source, name, port, "echo" if echo else "transformers",
                       "cuda" if settings.device.startswith("cuda") else "cpu",
                       stats_file=settings.cache_path / "judge-server-stats.json")
@@ -202,13 +203,14 @@ def sweep(prompt: PromptOpt, subject: SubjectOpt = None, rubric: RubricOpt = "be
     judge = _judge(settings, judge_url, judge_model, concurrency)
     with open_store(db) as store:
         session_id = store.resolve_session(session)
-        settings, on = steered_settings(store, session_id, settings, on, reference_model)
         plan = plan_from(store, session_id, plan_file, from_flow, from_attribution, top, from_set, features, op,
                          coefficient, mode, layer, schedule, end, alpha, fold, scope)
         request = SweepRequest(plan, prompt, grading, tuple(strength or (1.0, 2.0, 4.0, 8.0)), n,
                                sampling_from(temperature, top_p, max_new_tokens, raw, system), seed, band, direction,
                                compare_layers, band_seed, on)
-        request.validate()  # before the model loads
+        request.validate()  # before the model loads, and before --reference-model is recorded
+        settings, on = steered_settings(store, session_id, settings, on, reference_model)
+        request = replace(request, on=on)
         engine = engine_for(settings, sae)
         out = _run_output(store, sweep_workflow(store, engine, session_id, request, judge, Printer()), session_id)
     _plot(plot, "sweep", out["result"], db)

@@ -15,6 +15,7 @@ names the reference model (it was checked against the audited model when it was 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import typer
@@ -88,12 +89,13 @@ def steer(prompt: PromptOpt, plan_file: PlanFileOpt = None, from_flow: FromFlowO
     settings = settings_from(model=model, pack=pack, device=device, dtype=dtype, db=db)
     with open_store(db) as store:
         session_id = store.resolve_session(session)
-        settings, on = steered_settings(store, session_id, settings, on, reference_model)
         plan = plan_from(store, session_id, plan_file, from_flow, from_attribution, top, from_set, features, op,
                          coefficient, mode, layer, schedule, end, alpha, fold, scope)
         request = SteerRequest(plan, prompt, tuple(strength or [1.0]), n,
                                sampling_from(temperature, top_p, max_new_tokens, raw, system), seed, batch_size, on)
-        request.validate()  # before the model loads
+        request.validate()  # before the model loads, and before --reference-model is recorded
+        settings, on = steered_settings(store, session_id, settings, on, reference_model)
+        request = replace(request, on=on)
         engine = engine_for(settings, sae)
         run = store.run(steer_workflow(store, engine, session_id, request, Printer()))
     emit({"run_id": run["id"], "session_id": session_id, "status": run["status"], "on": on,

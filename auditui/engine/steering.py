@@ -324,23 +324,27 @@ def plans_from_attribution(result: dict, k: int, together: bool = True, op: str 
     return [SteeringPlan((f,), **{"source": f"{source}: {f.feature}", **options}) for f in features]
 
 
-def random_like(plan: SteeringPlan, bank: SAEBank, generator: torch.Generator) -> SteeringPlan:
+def random_like(plan: SteeringPlan, bank: SAEBank, generator: torch.Generator,
+                alive: Mapping[Site, Tensor] | None = None) -> SteeringPlan:
     """A plan of the same shape from random latents: each feature's latent replaced by one drawn
     uniformly from its site's other latents (none twice per site), same operations, coefficients,
-    layers, schedule, folding and scope (the control of a steering effect)."""
-    taken: dict[Site, set[int]] = {}
+    layers, schedule, folding and scope (the control of a steering effect). `alive` ({site: bool
+    [d_sae]}): draw only latents marked True there, e.g. those with a typical activation > 0 when
+    the plan folds (a folded latent that never fires adds nothing and would shrink the band to 0)."""
+    pools: dict[Site, list[int]] = {}
     for f in plan.features:
-        taken.setdefault(f.feature.site, set()).add(f.feature.latent)
+        site = f.feature.site
+        if site not in pools:
+            keep = alive[site] if alive is not None and site in alive else torch.ones(bank.sae(site).cfg.d_sae, dtype=torch.bool)
+            chosen = {g.feature.latent for g in plan.features if g.feature.site == site}
+            order = torch.randperm(len(keep), generator=generator).tolist()
+            pools[site] = [i for i in order if bool(keep[i]) and i not in chosen]
     features = []
     for f in plan.features:
-        site, used = f.feature.site, taken[f.feature.site]
-        d_sae = bank.sae(site).cfg.d_sae
-        if len(used) >= d_sae:
-            raise AuditError(f"{site} has no latent left for a random plan ({d_sae} latents)")
-        while (latent := int(torch.randint(d_sae, (1,), generator=generator))) in used:
-            pass
-        used.add(latent)
-        features.append(PlanFeature(Feature(site, latent), f.op, f.coefficient))
+        site = f.feature.site
+        if not pools[site]:
+            raise AuditError(f"{site} has no latent left for a random plan of the same shape")
+        features.append(PlanFeature(Feature(site, pools[site].pop()), f.op, f.coefficient))
     return replace(plan, features=tuple(features), source=f"random latents shaped like: {plan.source or 'a plan'}")
 
 

@@ -6,9 +6,11 @@
 Temperature 0. The client's own retries are off so that every attempt is ours to count: 429, 5xx,
 timeouts and dropped connections are retried with exponential backoff (doubling from `backoff`,
 capped), waiting at least what a Retry-After / retry-after-ms header asks; other errors (400, 401,
-404) are not retried. At most `concurrency` calls are in flight. The API key is read from the
-environment at call time (AUDITUI_JUDGE_KEY, else OPENAI_API_KEY; local servers need none) and is
-never stored, logged or exported: a Call holds no part of the request.
+404) are not retried; a Retry-After longer than MAX_RETRY_AFTER is cut to it. At most `concurrency`
+calls are in flight; an interrupt (Ctrl-C) sends nothing more. The API key is read from the
+environment when the Judge is made (`api_key`: OPENAI_API_KEY only for OpenAI's hosts) and is never
+stored, logged or exported: a Call holds no part of the request, and the URL is recorded without
+user, password or query (`public_url`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from auditui.errors import AuditError
 from auditui.progress import QUIET, Progress
 
-KEY_VARIABLES = ("AUDITUI_JUDGE_KEY", "OPENAI_API_KEY")
+MAX_RETRY_AFTER = 120.0  # s: a server may not make us wait longer per retry
 BROKEN_AFTER = 3  # calls in a row without an answer: the judge is down, stop sending
 NOT_SENT = "not sent"
 MAX_CONCURRENCY = 64
@@ -54,7 +57,8 @@ class JudgeConfig:
 
     def describe(self) -> dict:
         """What graded (for runs and reports): never the key."""
-        return {"base_url": self.base_url, "model": self.model, "temperature": 0, "max_tokens": self.max_tokens}
+        return {"base_url": public_url(self.base_url), "model": self.model, "temperature": 0,
+                "max_tokens": self.max_tokens}
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,24 @@ class Call:
     @property
     def sent(self) -> bool:
         return self.attempts > 0
+
+
+def api_key(base_url: str) -> str:
+    """AUDITUI_JUDGE_KEY for any judge; OPENAI_API_KEY only for OpenAI's own hosts (it is never sent to
+    another endpoint); a placeholder otherwise (local servers need none)."""
+    host = urlsplit(base_url).hostname or ""
+    if os.environ.get("AUDITUI_JUDGE_KEY"):
+        return os.environ["AUDITUI_JUDGE_KEY"]
+    if os.environ.get("OPENAI_API_KEY") and (host == "openai.com" or host.endswith(".openai.com")):
+        return os.environ["OPENAI_API_KEY"]
+    return "no-key"
+
+
+def public_url(base_url: str) -> str:
+    """The URL without user, password, query or fragment (what runs, reports and call records show)."""
+    parts = urlsplit(base_url)
+    netloc = parts.hostname or ""
+    return urlunsplit((parts.scheme, netloc + (f":{parts.port}" if parts.port else ""), parts.path, "", ""))
 
 
 def _retry_after(exc: Exception) -> float | None:
@@ -102,8 +124,8 @@ class Judge:
         self.config, self._errors = config, openai
         self._retryable = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
                            openai.APIConnectionError)
-        key = next((os.environ[v] for v in KEY_VARIABLES if os.environ.get(v)), "no-key")
-        self._client = openai.OpenAI(base_url=config.base_url, api_key=key, max_retries=0, timeout=config.timeout)
+        self._client = openai.OpenAI(base_url=config.base_url, api_key=api_key(config.base_url), max_retries=0,
+                                     timeout=config.timeout)
 
     def close(self) -> None:
         self._client.close()
@@ -136,9 +158,11 @@ class Judge:
             except self._retryable as exc:
                 error = _describe(exc)
                 wait = min(self.config.max_backoff, self.config.backoff * 2 ** attempt)
-                asked = _retry_after(exc)
-                if attempt == self.config.retries or not self._wait(max(wait, asked or 0.0), progress):
+                asked = min(_retry_after(exc) or 0.0, MAX_RETRY_AFTER)
+                if attempt == self.config.retries:
                     break
+                if not self._wait(max(wait, asked), progress):
+                    return Call(key, None, "cancelled", None, time.monotonic() - start, attempts)
             except self._errors.APIError as exc:
                 return Call(key, None, _describe(exc), None, time.monotonic() - start, attempts)
         return Call(key, None, error, None, time.monotonic() - start, attempts)
@@ -152,11 +176,17 @@ class Judge:
         total = len(requests)
         lock = threading.Lock()
 
+        stopped = threading.Event()  # set when the caller is interrupted (Ctrl-C): nothing more is sent
+        watch = _Either(progress, stopped)
+
         def one(request: tuple[Any, list[dict[str, str]]]) -> Call:
             nonlocal done, failed_in_row
             if failed_in_row >= BROKEN_AFTER:
                 return Call(request[0], None, f"{NOT_SENT}: {BROKEN_AFTER} calls in a row got no answer", None, 0.0, 0)
-            call = self.ask(*request, progress=progress)
+            try:
+                call = self.ask(*request, progress=watch)
+            except Exception as exc:  # an answer the client cannot read is this text's error, not the batch's
+                call = Call(request[0], None, _describe(exc), None, 0.0, 1)
             with lock:
                 failed_in_row = failed_in_row + 1 if call.raw is None and not call.cancelled else 0
                 done += 1
@@ -164,8 +194,27 @@ class Judge:
             return call
 
         progress.progress(0, total, "judge")
-        with ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="judge") as pool:
+        pool = ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="judge")
+        try:
             return list(pool.map(one, requests))
+        except BaseException:
+            stopped.set()
+            raise
+        finally:
+            pool.shutdown(wait=not stopped.is_set(), cancel_futures=True)
+
+
+class _Either:
+    """A Progress that also stops once `event` is set."""
+
+    def __init__(self, progress: Progress, event: threading.Event):
+        self.inner, self.event = progress, event
+
+    def progress(self, done: float, total: float, message: str = "") -> None:
+        self.inner.progress(done, total, message)
+
+    def should_stop(self) -> bool:
+        return self.event.is_set() or self.inner.should_stop()
 
 
 def _describe(exc: Exception) -> str:

@@ -48,7 +48,9 @@ def serving(args: list[str], port: int, timeout: float = 120.0) -> Iterator[str]
         while True:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-                break
+                if proc.poll() is None:  # ours answered, not another program on the port
+                    break
+                raise OSError("the server exited")
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise AuditError(f"the judge server did not start on port {port}") from None
@@ -56,4 +58,8 @@ def serving(args: list[str], port: int, timeout: float = 120.0) -> Iterator[str]
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()
-        proc.wait(20)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

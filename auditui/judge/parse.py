@@ -33,12 +33,17 @@ def _value(scale: Scale, value: object) -> object:
             return None
         items = [_value(Scale(scale.name, scale.lo, scale.hi), v) for v in value]
         return None if any(v is None for v in items) else items
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        if not math.isfinite(value):
+            return None
+    except OverflowError:  # an integer too large for a float
         return None
     return float(value) if scale.lo <= value <= scale.hi else None
 
 
-def _scores(obj: object, rubric: Rubric) -> tuple[dict | None, str]:
+def _scores(obj: object, rubric: Rubric, subjects: int | None) -> tuple[dict | None, str]:
     if not isinstance(obj, dict):
         return None, "the JSON is not an object"
     lowered = {str(k).lower(): v for k, v in obj.items()}
@@ -48,6 +53,8 @@ def _scores(obj: object, rubric: Rubric) -> tuple[dict | None, str]:
         if key is None:
             return None, f"no {scale.name} in the answer"
         value = _value(scale, lowered[key.lower()])
+        if scale.is_list and value is not None and subjects is not None and len(value) != subjects:
+            return None, f"{scale.name} has {len(value)} values for {subjects} subjects"
         if value is None:
             return None, f"{scale.name} = {lowered[key.lower()]!r} is outside {scale.lo:g}..{scale.hi:g}"
         scores[scale.name] = value
@@ -81,17 +88,18 @@ def _ratings(text: str, rubric: Rubric) -> dict | None:
     return scores
 
 
-def parse_answer(raw: str, rubric: Rubric) -> Parsed:
+def parse_answer(raw: str, rubric: Rubric, subjects: int | None = None) -> Parsed:
+    """`subjects`: how many values a list score must hold (None: any number)."""
     text = raw.strip()
     fenced = _FENCE.match(text)
     try:
-        scores, reason = _scores(json.loads(fenced.group(1) if fenced else text), rubric)
+        scores, reason = _scores(json.loads(fenced.group(1) if fenced else text), rubric, subjects)
         if scores is not None:
             return Parsed(scores, "json")
     except ValueError:
         reason = "not JSON"
     for obj in reversed(_objects(text)):
-        scores, _ = _scores(obj, rubric)
+        scores, _ = _scores(obj, rubric, subjects)
         if scores is not None:
             return Parsed(scores, "embedded")
     scores = _ratings(text, rubric)

@@ -64,17 +64,24 @@ class Rubric:
         for scale in self.scales:
             if not scale.hi > scale.lo:
                 raise AuditError(f"{where}: score {scale.name} needs max > min")
-        for template in (self.system, self.user):
-            names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-            if names - PLACEHOLDERS:
-                raise AuditError(f"{where} uses unknown placeholder(s) {sorted(names - PLACEHOLDERS)}; "
+        fields = {}
+        for name, template in (("system", self.system), ("user", self.user)):
+            try:
+                fields[name] = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+            except ValueError as exc:
+                raise AuditError(f"{where}: the {name} template is not a valid template ({exc}); "
+                                 "write literal braces as {{ and }}") from None
+            if fields[name] - PLACEHOLDERS:
+                raise AuditError(f"{where} uses unknown placeholder(s) {sorted(fields[name] - PLACEHOLDERS)}; "
                                  f"allowed: {sorted(PLACEHOLDERS)} (write literal braces as {{{{ and }}}})")
-        if "{text}" not in self.user:
+        if "text" not in fields["user"]:
             raise AuditError(f"{where}: the user template must contain {{text}}")
         for needed in ("behaviour", "coherence"):
             if needed not in self.derived:
                 raise AuditError(f"{where}: [derived] must define {needed}")
         for name, expression in self.derived.items():
+            if not _operands(expression):
+                raise AuditError(f"{where}: derived {name} names no score")
             unknown = set(_operands(expression)) - {s.name for s in self.scales}
             if unknown:
                 raise AuditError(f"{where}: derived {name} uses unknown score(s) {sorted(unknown)}")

@@ -389,7 +389,8 @@ class Store:
         rows = list(self.db.query("""
             SELECT * FROM judge_calls WHERE judge_model = ? AND rubric_digest = ? AND text_digest = ?
               AND status IN ('scored', 'unscored') ORDER BY id DESC LIMIT 1""", [judge_model, rubric_digest, text_digest]))
-        return self._decoded("judge_calls", rows[0], ("scores",)) if rows else None
+        call = self._decoded("judge_calls", rows[0], ("scores",)) if rows else None
+        return None if call and call["status"] == "scored" and call["scores"] is None else call  # damaged: ask again
 
     def judge_calls(self, session_id: int, run_id: int | None = None) -> list[dict]:
         sql = "SELECT * FROM judge_calls WHERE session_id = ?" + (" AND run_id = ?" if run_id is not None else "")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +34,7 @@ from auditui.engine.metrics import completion_perplexity, repetition_rate
 from auditui.engine.model import convert_gguf, gguf_cache_dir, resolve_source
 from auditui.engine.reference import completion_sequence
 from auditui.errors import AuditError
-from auditui.judge.client import Judge, JudgeConfig
+from auditui.judge.client import Judge, JudgeConfig, public_url
 from auditui.judge.parse import parse_answer
 from auditui.judge.rubrics import Rubric, load_rubric, rubric_files
 from auditui.progress import QUIET, Progress
@@ -135,7 +135,7 @@ class Tally:
     errors: int = 0
     cached: int = 0
     calls: int = 0
-    attempts: int = field(default=0)
+    attempts: int = 0
 
     def add(self, grade: Grade) -> None:
         self.texts += 1
@@ -176,11 +176,11 @@ def grade(store: Store, session_id: int, judge: Judge, grading: Grading, items: 
     for call in calls:
         if call.cancelled or not call.sent:
             continue
-        parsed = parse_answer(call.raw, grading.rubric) if call.raw is not None else None
+        parsed = parse_answer(call.raw, grading.rubric, len(grading.subjects)) if call.raw is not None else None
         status = "error" if parsed is None else ("scored" if parsed.scores is not None else "unscored")
         error = call.error if parsed is None else (parsed.reason or None)
         rows.append({"run_id": run_id, "completion_id": ask[call.key].completion_id, "judge_model": model,
-                     "base_url": judge.config.base_url, "rubric": grading.rubric.name, "rubric_digest": digest,
+                     "base_url": public_url(judge.config.base_url), "rubric": grading.rubric.name, "rubric_digest": digest,
                      "text_digest": call.key, "status": status, "raw": call.raw, "error": error,
                      "request_id": call.request_id, "attempts": call.attempts, "latency": call.latency,
                      "scores": None if parsed is None else parsed.scores})
@@ -232,7 +232,7 @@ def _completions(store: Store, session_id: int, ids: tuple[int, ...]) -> list[di
 
 def text_metrics(store: Store, engine: Engine, rows: list[dict], progress: Progress = QUIET) -> list[dict]:
     """{perplexity, repetition} per completion row: perplexity under the loaded (unsteered) model."""
-    prompts = {r["prompt_id"]: store.prompt(r["prompt_id"]) for r in rows}
+    prompts = {pid: store.prompt(pid) for pid in {r["prompt_id"] for r in rows}}
     seqs = [completion_sequence(prompts[r["prompt_id"]], r) for r in rows]
     perplexity = completion_perplexity(engine.lm, seqs, progress=progress)
     return [{"perplexity": p, "repetition": repetition_rate(list(r["token_ids"] or []))}
@@ -281,10 +281,10 @@ def judge_run(store: Store, engine: Engine, session_id: int, request: JudgeReque
     params = {"judge": judge.config.describe(), "rubric": request.grading.describe(),
               "completion_ids": [r["id"] for r in rows], "label_threshold": request.label_threshold}
     with recorded_run(store, session_id, JUDGE_KIND, params, provenance(engine.lm)) as run:
-        prompts = {r["prompt_id"]: store.prompt(r["prompt_id"])["text"] for r in rows}
+        prompts = {pid: store.prompt(pid)["text"] for pid in {r["prompt_id"] for r in rows}}
         items = [Item(r["id"], prompts[r["prompt_id"]], r["text"]) for r in rows]
         grades, tally = grade(store, session_id, judge, request.grading, items, run.run_id, progress)
-        metrics = text_metrics(store, engine, rows, progress)
+        metrics = text_metrics(store, engine, rows, QUIET if progress.should_stop() else progress)  # keep what was graded
         out = [{"completion_id": g.completion_id, "status": g.status, "behaviour": g.value("behaviour"),
                 "coherence": g.value("coherence"), "values": g.values, "call_id": g.call_id, "cached": g.cached, **m}
                for g, m in zip(grades, metrics, strict=True)]

@@ -7,7 +7,9 @@ the plan) is sampled at every strength of the grid, n samples each with seeds se
 strength 0 is always part of the grid: it is the unsteered samples, shared by every curve. Rows of
 different strengths of one plan share a batch. The band: M plans of the same shape from random
 latents (`steering.random_like`: same sites, count, operations, folding), sampled at the same
-strengths and seeds. Every text is judged (cached), and gets its perplexity under the unsteered
+strengths and seeds; when the plan folds, only latents that fire on the session's texts are drawn
+(a folded latent that never fires adds nothing). Plans must add or mean-ablate (strength 0 is then
+the unsteered model). Every text is judged (cached), and gets its perplexity under the unsteered
 model and its repetition rate.
 
 Per strength and curve: behaviour b, coherence c and the score b·c (toward) or (1 - b)·c (away),
@@ -35,13 +37,14 @@ from auditui.progress import QUIET, Progress
 from auditui.stats import band, mean_ci
 from auditui.workflows.judge import Grade, Grading, Item, Tally, grade, text_metrics
 from auditui.workflows.runs import provenance, recorded_run
-from auditui.workflows.steer import check_on, steering_inputs, store_samples
+from auditui.workflows.steer import Inputs, check_on, steering_inputs, store_samples
 
 if TYPE_CHECKING:
     from auditui.engine import Engine
     from auditui.store.database import Store
 
 SWEEP_KIND = "sweep"
+SCALED = ("add", "mean_ablate")  # operations whose coefficient 0 leaves the model unsteered
 DIRECTIONS = ("toward", "away")
 MAX_ROWS = 4096
 MAX_BAND = 64
@@ -95,6 +98,12 @@ class SweepRequest:
         if self.rows() > MAX_ROWS:
             raise AuditError(f"{self.rows()} completions asked for; at most {MAX_ROWS} per sweep "
                              "(fewer strengths, samples or band plans)")
+        ops = sorted({f.op for f in self.plan.features} - set(SCALED))
+        if ops:
+            raise AuditError(f"a sweep scales add and mean-ablation coefficients, where strength 0 is the unsteered "
+                             f"model; this plan uses {', '.join(ops)} (give --op add, or use steer with strengths)")
+        if all(f.coefficient == 0 for f in self.plan.features):
+            raise AuditError("every coefficient of the plan is 0: no strength would steer (give --coefficient)")
         for _, plan in self.curves():
             plan.selected()
 
@@ -162,9 +171,10 @@ class Graded:
 
 
 def sample_and_grade(store: Store, engine: Engine, session_id: int, run_id: int, batch: Batch, grading: Grading,
-                     judge: Judge, progress: Progress = QUIET) -> Graded:
-    """Sample every plan of the batch (stored under run_id), then judge and measure every text."""
-    inputs = steering_inputs(store, engine, session_id, [plan for _, plan in batch.plans], progress)
+                     judge: Judge, progress: Progress = QUIET, inputs: Inputs | None = None) -> Graded:
+    """Sample every plan of the batch (stored under run_id), then judge and measure every text.
+    `inputs`: the plans' steering inputs when the caller has them (random plans share their sites)."""
+    inputs = inputs or steering_inputs(store, engine, session_id, [plan for _, plan in batch.plans], progress)
     prompt_id = store.add_prompt(session_id, batch.prompt, batch.prompt_ids, system=batch.params.system,
                                  chat=bool(batch.params.chat))
     stored = asdict(batch.params)
@@ -207,9 +217,7 @@ def sweep(store: Store, engine: Engine, session_id: int, request: SweepRequest, 
     """Sample, judge and summarise a strength sweep with its random band; the run id."""
     request.validate()
     curves = request.curves()
-    generator = torch.Generator().manual_seed(request.band_seed)
-    band_plans = [(f"band {i}", random_like(request.plan, engine.bank, generator)) for i in range(request.band)]
-    sites = check_sites(engine, sorted({f.feature.site for _, p in curves + band_plans for f in p.features}))
+    sites = check_sites(engine, sorted({f.feature.site for f in request.plan.features}))
     prompt_ids, params, seed = prepared(engine, request.prompt, request.params, request.seed)
     record = {"plan": request.plan.to_dict(), "prompt": request.prompt, "strengths": [0.0, *request.grid],
               "n": request.n, "params": asdict(params), "seed": seed, "band": request.band,
@@ -218,8 +226,12 @@ def sweep(store: Store, engine: Engine, session_id: int, request: SweepRequest, 
               "model_id": engine.lm.model_id}
     seeds = [seed + i for i in range(request.n)]
     with recorded_run(store, session_id, SWEEP_KIND, record, provenance(engine.lm, engine, sites, seeds)) as run:
+        inputs = steering_inputs(store, engine, session_id, [plan for _, plan in curves], progress)
+        generator = torch.Generator().manual_seed(request.band_seed)
+        alive = {site: t > 0 for site, t in inputs.typical.items()} if inputs.typical else None  # folded: firing ones
+        band_plans = [(f"band {i}", random_like(request.plan, engine.bank, generator, alive)) for i in range(request.band)]
         batch = Batch(request.prompt, prompt_ids, params, seed, request.n, request.grid, curves + band_plans, request.on)
-        graded = sample_and_grade(store, engine, session_id, run.run_id, batch, request.grading, judge, progress)
+        graded = sample_and_grade(store, engine, session_id, run.run_id, batch, request.grading, judge, progress, inputs)
         result = summarise(graded.texts, request, [label for label, _ in curves], [p for _, p in band_plans], seeds)
         result.update(graded_record(graded, judge, request.grading))
         (run.done if graded.complete else run.partial)(result, _summary(result))

@@ -31,8 +31,9 @@ from auditui.judge.client import Judge
 from auditui.progress import QUIET, Progress
 from auditui.stats import band
 from auditui.workflows.attribute import attribution_run
-from auditui.workflows.judge import Grading
+from auditui.workflows.judge import Grading, Tally
 from auditui.workflows.runs import provenance, recorded_run
+from auditui.workflows.steer import steering_inputs
 from auditui.workflows.sweep import Batch, Graded, Texts, graded_record, prepared, sample_and_grade
 
 if TYPE_CHECKING:
@@ -132,9 +133,13 @@ def validate(store: Store, engine: Engine, session_id: int, request: ValidateReq
         raise AuditError(f"run {request.attribution_run} is not a finished attribution run of session {session_id}")
     site_text, attr, act = latent_sets(run["result"], request.site, request.k)
     site = check_sites(engine, [Site.parse(site_text)])[0]
+    inputs = steering_inputs(store, engine, session_id, [_plan(site, attr[0])], progress)  # folded: typical acts
+    fires = inputs.typical[site] > 0  # a random latent that never fires would add nothing, folded
     generator = torch.Generator().manual_seed(request.band_seed)
-    order = torch.randperm(engine.bank.sae(site).cfg.d_sae, generator=generator).tolist()
-    randoms = [x for x in order if x not in set(attr) | set(act)][:request.band]
+    order = torch.randperm(len(fires), generator=generator).tolist()
+    randoms = [x for x in order if bool(fires[x]) and x not in set(attr) | set(act)][:request.band]
+    if len(randoms) < 2:
+        raise AuditError(f"fewer than 2 latents of {site} fire on the session's texts outside the two sets: no band")
     plans = [(f"latent {x}", _plan(site, x)) for x in dict.fromkeys(attr + act)]
     plans += [(f"band {i}", _plan(site, x)) for i, x in enumerate(randoms)]
     prompt_ids, params, seed = prepared(engine, request.prompt, request.params, request.seed)
@@ -148,8 +153,10 @@ def validate(store: Store, engine: Engine, session_id: int, request: ValidateReq
     with recorded_run(store, session_id, VALIDATE_KIND, record, provenance(engine.lm, engine, [site], seeds),
                       parent_id=request.attribution_run) as handle:
         def graded_on(model: Engine, strengths: list[float], on: str) -> Graded:
-            batch = Batch(request.prompt, prompt_ids, params, seed, request.n, strengths, plans, on)
-            return sample_and_grade(store, model, session_id, handle.run_id, batch, request.grading, judge, progress)
+            ids, model_params, _ = prepared(model, request.prompt, request.params, seed)  # its own chat template
+            batch = Batch(request.prompt, ids, model_params, seed, request.n, strengths, plans, on)
+            return sample_and_grade(store, model, session_id, handle.run_id, batch, request.grading, judge, progress,
+                                    inputs if model is engine else None)
 
         if reference is None:
             graded = [graded_on(engine, [request.strength, -request.strength], "audited")]
@@ -164,6 +171,7 @@ def validate(store: Store, engine: Engine, session_id: int, request: ValidateReq
         if reference is not None:
             result["completion_ids"] += graded[1].completion_ids
             result["counts"] = {k: v + graded[1].tally.__dict__[k] for k, v in result["counts"].items()}
+            result["failure_rate"] = Tally(**result["counts"]).failure_rate()
         (handle.done if all(g.complete for g in graded) else handle.partial)(result, _summary(result))
     return handle.run_id
 

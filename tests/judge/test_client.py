@@ -106,3 +106,24 @@ def test_a_judge_that_is_down_is_not_asked_about_every_text() -> None:
     assert time.monotonic() - started < 10
     assert all(c.raw is None for c in calls) and sum(c.sent for c in calls) == BROKEN_AFTER
     assert "not sent" in calls[-1].error
+
+
+def test_the_openai_key_goes_only_to_openai_and_urls_are_recorded_without_secrets(monkeypatch) -> None:
+    from auditui.judge.client import api_key, public_url
+
+    monkeypatch.delenv("AUDITUI_JUDGE_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    assert api_key("https://api.openai.com/v1") == "sk-openai"
+    assert api_key("http://evil.example.com/v1") == "no-key" and api_key("http://127.0.0.1:8765/v1") == "no-key"
+    monkeypatch.setenv("AUDITUI_JUDGE_KEY", "sk-mine")
+    assert api_key("http://127.0.0.1:8765/v1") == "sk-mine"
+    assert public_url("https://user:pw@host.example:8443/v1?key=sk-x#f") == "https://host.example:8443/v1"
+    assert JudgeConfig("http://u:p@h/v1?k=1", "m").describe()["base_url"] == "http://h/v1"
+
+
+def test_a_retry_after_of_hours_is_cut_and_a_stop_during_the_wait_is_a_cancel() -> None:
+    with Scripted([(429, {"retry-after": "36000"}, "later")]) as server:
+        probe = Probe(stop=lambda events: time.monotonic() - started > 0.5)
+        started = time.monotonic()
+        call = judge(server.url).ask("k", MESSAGES, probe)
+    assert call.cancelled and time.monotonic() - started < 5

@@ -87,3 +87,16 @@ def test_names_never_become_paths(tmp_path) -> None:
     assert load_rubric("mine", (tmp_path,)).name == "mine"
     with pytest.raises(AuditError, match="no rubric"):
         load_rubric("../judge/rubrics/behaviour", (tmp_path,))
+
+
+def test_review_cases_stay_unscored_or_are_refused() -> None:
+    assert parse_answer('{"coherence": 1' + "0" * 400 + ', "behaviour": 2}', CB).scores is None  # beyond a float
+    subjects = load_rubric("subjects")
+    assert parse_answer('{"coherence": 5, "behavioral": [5]}', subjects, 3).scores is None  # one value, 3 subjects
+    assert parse_answer('{"coherence": 5, "behavioral": [5, 1, 0]}', subjects, 3).scores is not None
+    base = 'name="x"\nsystem="s"\n[scores.a]\nmin=0\nmax=1\n[derived]\nbehaviour="a"\ncoherence="a"\n'
+    for user, message in (('user="{{text}}"', "must contain"), ('user="{text} {"', "not a valid template")):
+        with pytest.raises(AuditError, match=message):
+            parse_rubric(f"{user}\n{base}", "x.toml")
+    with pytest.raises(AuditError, match="names no score"):
+        parse_rubric(f'user="{{text}}"\n{base}'.replace('coherence="a"', 'coherence="mean()"'), "x.toml")

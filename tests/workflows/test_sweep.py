@@ -238,3 +238,25 @@ def test_a_sweep_stopped_at_once_is_cancelled_and_leaves_no_empty_prompt(setup):
         assert server.count == 0
     assert run["status"] == "cancelled" and run["result"]["best"] is None
     assert len(store.prompts(session_id)) == prompts
+
+
+@pytest.mark.parametrize(("typed", "message"), [("2/resid_post/5:rescale:0", "uses rescale"),
+                                                 ("2/resid_post/5:add:0", "every coefficient")])
+def test_sweeps_refuse_plans_whose_strength_zero_is_not_the_unsteered_model(setup, typed, message):
+    store, engine, session_id = setup
+    plan = plan_for(store, session_id, PlanSource(typed=typed))
+    with pytest.raises(AuditError, match=message):
+        SweepRequest(plan, "Hi", GRADING).validate()
+
+
+def test_a_folded_band_draws_only_latents_that_fire(setup):
+    from auditui.workflows.steer import steering_inputs
+
+    store, engine, session_id = setup
+    plan = plan_for(store, session_id, PlanSource(typed="2/resid_post/5:add:1"), fold=True)
+    request = SweepRequest(plan, "Once", GRADING, strengths=(20,), n=2, params=GREEDYISH, seed=5, band=6)
+    with Scripted([answer]) as server:
+        run = store.run(sweep(store, engine, session_id, request, Judge(JudgeConfig(server.url, "rule"))))
+    typical = steering_inputs(store, engine, session_id, [plan]).typical[Site.parse("2/resid_post")]
+    latents = [int(p["features"][0]["feature"].rsplit("/", 1)[1]) for p in run["result"]["band"]["plans"]]
+    assert len(latents) == 6 and all(typical[x] > 0 for x in latents)
