@@ -45,3 +45,15 @@ def md_inline(text: str) -> str:
     """Text for a Markdown heading, paragraph, list item or table cell: one line, syntax escaped."""
     escaped = _MARKDOWN.sub(r"\\\1", one_line(text))
     return _BLOCK_START.sub(lambda m: m.group(1) + "\\" + m.group(2), escaped)
+
+
+def number(value: float | int | None, spec: str = ".4g") -> str:
+    """A number for a table cell: "-" for none, integers as they are, floats by `spec`."""
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else format(value, spec)
+
+
+def yes_no(flag: bool | None) -> str:
+    """A three-way table cell: yes, no, or "-" when undecided."""
+    return "-" if flag is None else "yes" if flag else "no"

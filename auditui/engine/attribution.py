@@ -72,6 +72,7 @@ from auditui.engine.reference import TokenSeq, batches, encode_rows, pad_batch, 
 from auditui.engine.sites import Positions, Site, SiteHooks
 from auditui.errors import AuditError
 from auditui.progress import QUIET, Progress, stop_if_asked
+from auditui.text import number
 
 if TYPE_CHECKING:
     from auditui.engine import Engine
@@ -341,9 +342,6 @@ def refresh_checks(result: dict) -> None:
     result["spearman"] = spearman([r["delta_attr"] for r in checked], [r["exact"] for r in checked])
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
 
 def summarize(result: dict) -> dict:
     """The run summary: headline, table of the top rows over all sites, notes."""
@@ -352,9 +350,9 @@ def summarize(result: dict) -> dict:
     overlaps = ", ".join(f"{site} {info['overlap']}/{info['top_k']}" for site, info in result["sites"].items())
     headline = (f"Δ-attribution over {result['n_prompts']} prompts ({result['n_completions']} completions, "
                 f"{result['positions']} positions): top latent {best['site']}#{best['latent']} "
-                f"(Δ-attr {_fmt(best['delta_attr'])}); top-k overlap with Δ-activation: {overlaps}")
+                f"(Δ-attr {number(best['delta_attr'])}); top-k overlap with Δ-activation: {overlaps}")
     if result["n_checked"]:
-        headline += (f"; Spearman(attribution, exact ΔL) {_fmt(result['spearman'])} over "
+        headline += (f"; Spearman(attribution, exact ΔL) {number(result['spearman'])} over "
                      f"{result['n_checked']} checked latents")
     diffed = [f"{site} {info['overlap_diff']}/{info['top_k']}" for site, info in result["sites"].items()
               if "overlap_diff" in info]  # model diffing merged in (`auditui.engine.diffing.annotate_attribution`)
@@ -362,8 +360,8 @@ def summarize(result: dict) -> dict:
         headline += f"; with model-diffing Δ-activation: {', '.join(diffed)}"
     models = ["Δ-act models"] if diffed else []
     table = {"columns": ["rank", "site", "latent", "Δ-attr", "Δ-act", *models, "exact ΔL", "logit lens"],
-             "rows": [[r["rank"], r["site"], r["latent"], _fmt(r["delta_attr"]), _fmt(r["delta_act"]),
-                       *([_fmt(r.get("delta_diff"))] if models else []), _fmt(r["exact"]), " ".join(r["logit_lens"][:5])]
+             "rows": [[r["rank"], r["site"], r["latent"], number(r["delta_attr"]), number(r["delta_act"]),
+                       *([number(r.get("delta_diff"))] if models else []), number(r["exact"]), " ".join(r["logit_lens"][:5])]
                       for r in rows[:SUMMARY_ROWS]]}
     return {"headline": headline, "table": table, "notes": result["notes"]}
 

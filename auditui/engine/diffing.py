@@ -44,6 +44,7 @@ from auditui.engine.reference import TokenSeq, counted_mask, encode_rows, inlier
 from auditui.engine.sites import Site
 from auditui.errors import AuditError
 from auditui.progress import QUIET, Progress, stop_if_asked
+from auditui.text import number
 
 if TYPE_CHECKING:
     from auditui.engine.model import LoadedModel
@@ -197,9 +198,6 @@ def rank_site(lm: LoadedModel, bank: SAEBank, diff: SiteDiff, top_k: int,
     return ranking
 
 
-def _fmt(value: float | int | None) -> str:
-    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
 
 @dataclass
 class DiffResult:
@@ -222,13 +220,13 @@ class DiffResult:
         best = max(self.rows, key=lambda r: r.delta_act)
         tokens = sum(s.n_tokens for s in self.sites) // max(1, len(self.sites))
         headline = (f"model diffing Δ-activation (audited - reference) over {self.n_texts} texts ({self.source}, "
-                    f"~{tokens} tokens per site): top latent {best.site}#{best.latent} (Δ-act {_fmt(best.delta_act)})")
+                    f"~{tokens} tokens per site): top latent {best.site}#{best.latent} (Δ-act {number(best.delta_act)})")
         for name, key in (("Δ-attribution", "overlap_attr"), ("the within-model Δ-activation", "overlap_within")):
             found = [f"{s.site} {getattr(s, key)}/{s.top_k}" for s in self.sites if getattr(s, key) is not None]
             headline += f"; top-k overlap with {name}: {', '.join(found)}" if found else ""
         rows = sorted(self.rows, key=lambda r: -r.delta_act)[:SUMMARY_ROWS]
         table = {"columns": ["rank", "site", "latent", "Δ-act", "attr #", "within #", "logit lens"],  # 80 columns
-                 "rows": [[r.rank, r.site, r.latent, _fmt(r.delta_act), _fmt(r.attr_rank), _fmt(r.within_rank),
+                 "rows": [[r.rank, r.site, r.latent, number(r.delta_act), number(r.attr_rank), number(r.within_rank),
                            " ".join(r.logit_lens[:4])] for r in rows]}
         return {"headline": headline, "table": table, "notes": list(self.notes)}
 

@@ -80,6 +80,7 @@ from auditui.engine.sites import Site, SiteHooks
 from auditui.engine.transitions import TABLE_K, TransitionCache
 from auditui.errors import AuditError
 from auditui.progress import QUIET, Progress, stop_if_asked
+from auditui.text import number
 
 if TYPE_CHECKING:
     from auditui.engine import Engine
@@ -573,9 +574,6 @@ def to_mermaid(graph: FlowGraph) -> str:
 
 
 # -- persistence ----------------------------------------------------------------------------------
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
 
 def graph_summary(graph: FlowGraph) -> dict:
     """Run summary: headline, one table row per residual node (ascending layers), notes."""
@@ -589,7 +587,7 @@ def graph_summary(graph: FlowGraph) -> dict:
     rows = []
     for row in layer_rows(graph):
         for entry in row["residual"]:
-            rows.append([row["layer"], entry["id"], entry["class"], *(_fmt(entry["scores"].get(m)) for m in MODULES),
+            rows.append([row["layer"], entry["id"], entry["class"], *(number(entry["scores"].get(m), ".2f") for m in MODULES),
                          ", ".join(f"{m['id']} ({m['score']:.2f})" for m in entry["mlp"]),
                          ", ".join(f"{m['id']} ({m['score']:.2f})" for m in entry["attn"]),
                          " ".join(_show(t) for t in entry["label"])])

@@ -34,6 +34,7 @@ from auditui.engine.reference import check_vocab
 from auditui.engine.sites import Site
 from auditui.errors import AuditError
 from auditui.progress import QUIET, Progress
+from auditui.text import number
 from auditui.workflows.attribute import pair_plan
 from auditui.workflows.reference import reference_means
 from auditui.workflows.runs import provenance, recorded_run
@@ -61,13 +62,10 @@ class ContrastRequest:
             raise AuditError(f"reference text file not found: {self.reference}")
 
 
-def _fmt(value: float | int | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
 
 def summarize(result: dict) -> dict:
-    rows = [[site, _fmt(c["delta_attr"]), "-" if c["rank"] is None else f"{c['rank']}/{c['d_sae'] + 1}",
-             _fmt(c["top_latent_attr"]), _fmt(c["norm"]),
+    rows = [[site, number(c["delta_attr"]), "-" if c["rank"] is None else f"{c['rank']}/{c['d_sae'] + 1}",
+             number(c["top_latent_attr"]), number(c["norm"]),
              "-" if c["nearest_latent"] is None else f"{c['nearest_latent']} ({c['nearest_cosine']:.2f})",
              " ".join(c["logit_lens"][:5])] for site, c in result["sites"].items()]
     ranked = [f"{site} {c['rank']}" for site, c in result["sites"].items() if c["rank"] is not None]

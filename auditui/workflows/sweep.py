@@ -35,6 +35,7 @@ from auditui.errors import AuditError
 from auditui.judge.client import Judge
 from auditui.progress import QUIET, Progress
 from auditui.stats import band, mean_ci
+from auditui.text import number, yes_no
 from auditui.workflows.judge import Grade, Grading, Item, Tally, grade, text_metrics
 from auditui.workflows.runs import provenance, recorded_run
 from auditui.workflows.steer import Inputs, check_on, steering_inputs, store_samples
@@ -283,7 +284,7 @@ def _scaled(plan: SteeringPlan, strength: float) -> SteeringPlan:
 
 
 def _fmt(estimate: dict | None, key: str = "mean") -> str:
-    return "-" if not estimate or estimate.get(key) is None else f"{estimate[key]:.2f}"
+    return number(estimate.get(key) if estimate else None, ".2f")
 
 
 def _summary(result: dict) -> dict:
@@ -292,7 +293,7 @@ def _summary(result: dict) -> dict:
         for point, edge in zip(curve["points"], result["band"]["points"], strict=True):
             rows.append([curve["label"], point["strength"], _fmt(point["behaviour"]), _fmt(point["coherence"]),
                          _fmt(point["score"]), f"{_fmt(edge['score'], 'low')}..{_fmt(edge['score'], 'high')}",
-                         {True: "yes", False: "no", None: "-"}[point["real"]], point["unscored"]])
+                         yes_no(point["real"]), point["unscored"]])
     best, rate = result["best"], result["failure_rate"]
     headline = (f"sweep ({result['direction']}) over strengths {result['strengths']}: best "
                 + (f"{best['strength']:g} (score {best['chosen_score']:.2f} on half the seeds, "

@@ -30,6 +30,7 @@ from auditui.errors import AuditError
 from auditui.judge.client import Judge
 from auditui.progress import QUIET, Progress
 from auditui.stats import band
+from auditui.text import yes_no
 from auditui.workflows.attribute import attribution_run
 from auditui.workflows.judge import Grading, Tally
 from auditui.workflows.runs import provenance, recorded_run
@@ -183,7 +184,7 @@ def _summary(result: dict) -> dict:
         for r in latents:
             rows.append([name, r["latent"], *(f"{v:+.2f}" if (v := r[d]["delta_behaviour"]) is not None else "-"
                                               for d in ("toward", "away")),
-                         *({True: "yes", False: "no", None: "-"}[r[d]["leaves_band"]] for d in ("toward", "away"))])
+                         *(yes_no(r[d]["leaves_band"]) for d in ("toward", "away"))])
     attr, act = counts["attribution"], counts["activation"]
     return {"headline": f"{result['site']}: leaving the random band (toward/away) — Δ-attribution top "
                         f"{attr['latents']}: {attr['toward']}/{attr['away']}, Δ-activation top {act['latents']}: "

@@ -20,7 +20,7 @@ from textual.widgets import DataTable
 from textual_plotext import PlotextPlot
 
 from auditui.errors import AuditError
-from auditui.text import visible
+from auditui.text import visible, yes_no
 from auditui.tui.guard import guarded
 from auditui.tui.screens.base import StepScreen
 from auditui.tui.widgets.params import parse_number, parse_numbers
@@ -50,7 +50,7 @@ def point_cells(label: str, point: dict, edge: dict) -> tuple[str, ...]:
     band = "-" if limits is None else " ".join(fmt(limits[key]) for key, _ in BAND_LINES)
     return (label, f"{point['strength']:g}", fmt(point["score"]["mean"]), interval(point["score"]),
             f"{point['unscored']}/{point['n']}", share(point["failure_rate"]), fmt(point["behaviour"]["mean"]),
-            fmt(point["coherence"]["mean"]), band, {True: "yes", False: "no", None: "-"}[point["real"]])
+            fmt(point["coherence"]["mean"]), band, yes_no(point["real"]))
 
 
 class SweepScreen(StepScreen):
