@@ -95,7 +95,9 @@ class LatentScreen(AuditScreen):
     @guarded
     def on_mount(self) -> None:
         self.title = f"latent {self.feature}"
-        self.query_one(DataTable).add_columns("from", "act", "text")
+        table = self.query_one(DataTable)  # fixed widths: the layout never waits on a later auto-size
+        for label, width in (("from", 9), ("act", 6), ("text", 48)):
+            table.add_column(label, width=width)
         self.query_one("#notice", Static).update(Text("reading the held-out corpus and the session's texts…"))
         store, session_id, feature = self.store, self.session_id, self.feature
 
