@@ -60,7 +60,6 @@ class BuildPlan:
     lr: float = 6e-3
     train_tokens: int = 600_000  # upper bound; the time budget may use fewer
     build_minutes: float = 28.5  # wall-clock budget of a whole CPU build (0 = none); tokens shrink to fit
-    eval_minutes: float = 5.0  # of which kept for saving + evaluation (measured here: ~4.5 min, 91 SAEs)
     held_out_tokens: int = 12_288
     ce_sequences: int = 2  # held-out windows for the spliced-in loss (2 tail runs per SAE: 3/4 of the eval)
     seq_len: int = 256
@@ -188,10 +187,54 @@ class TrainState:
     budget_seconds: float = 0.0  # wall-clock training budget (0 = none)
     total_tokens: int = 0
     buffers: dict[Site, list[Tensor]] = field(default_factory=dict)
+    pace: Pace = field(default_factory=lambda: Pace())
 
     @property
     def tokens(self) -> int:
         return next(iter(self.trainers.values())).tokens if self.trainers else 0
+
+
+@dataclass
+class Pace:
+    """Seconds per unit of the build's work, measured as it trains, so they follow the machine's load
+    (moving averages; 0 = not measured yet)."""
+
+    forward: float = 0.0  # per window: the model's forward with every site hooked
+    step: float = 0.0  # per token and site: one trainer step
+    save: float = 0.0  # per SAE: export, save and reload through sae-lens (measured once)
+
+    @staticmethod
+    def mix(old: float, new: float) -> float:
+        return new if old == 0 else 0.8 * old + 0.2 * new
+
+
+# Forward equivalents of the evaluation's parts, measured once on SmolLM2 (2 cores): re-running the
+# layers from l on w windows costs (TAIL_FIXED + TAIL_LAYERS (L - l) / L) forwards of w windows (the
+# fixed part is the unembedding and its loss); an SAE encode + decode costs ENCODE_PER_STEP steps.
+TAIL_FIXED, TAIL_LAYERS, ENCODE_PER_STEP = 0.37, 0.94, 0.85
+
+
+@dataclass(frozen=True)
+class FinishCost:
+    """Predicted seconds of what follows training: saving, the held-out pass (per batch), the spliced losses."""
+
+    save: float
+    held_out_batch: float
+    held_out_batches: int
+    losses: float
+
+    @property
+    def total(self) -> float:
+        return self.save + self.held_out_batch * self.held_out_batches + self.losses
+
+
+def finish_cost(plan: BuildPlan, sites: list[Site], n_layers: int, held_out_windows: int, pace: Pace) -> FinishCost:
+    batch = plan.seqs_per_forward
+    tokens = batch * (plan.seq_len - 1)
+    held = batch * pace.forward + tokens * len(sites) * ENCODE_PER_STEP * pace.step
+    tails = 2 + sum(2 * (TAIL_FIXED + TAIL_LAYERS * (n_layers - s.layer) / n_layers) for s in sites)
+    losses = plan.ce_sequences * pace.forward * (2 + tails)  # + the record and the valid-token pass
+    return FinishCost(len(sites) * pace.save, held, math.ceil(held_out_windows / batch), losses)
 
 
 def _site_acts(lm: LoadedModel, sites: list[Site], ids: Tensor) -> dict[Site, Tensor]:
@@ -215,7 +258,7 @@ def new_trainer(plan: BuildPlan, x: Tensor, device: torch.device, seed: int) -> 
 def _trainer_state(t: TopKTrainer) -> dict:
     return {"params": [p.detach().cpu() for p in t.params], "opt": t.opt.state_dict(),
             "since_fired": t.since_fired.cpu(), "tokens": t.tokens, "total_tokens": t.total_tokens,
-            "scale": t.scale, "cfg": t.cfg.as_dict(), "d_in": t.d_in}
+            "scale": t.scale, "cfg": t.cfg.as_dict(), "d_in": t.d_in, "decay_anchor": t.decay_anchor}
 
 
 def _trainer_from_state(state: dict, device: torch.device) -> TopKTrainer:
@@ -228,6 +271,7 @@ def _trainer_from_state(state: dict, device: torch.device) -> TopKTrainer:
     trainer.opt.load_state_dict(state["opt"])
     trainer.since_fired = state["since_fired"].to(device)
     trainer.tokens, trainer.total_tokens = state["tokens"], state["total_tokens"]
+    trainer.decay_anchor = state.get("decay_anchor")
     return trainer
 
 
@@ -251,46 +295,71 @@ def load_checkpoint(work: WorkDir, sites: list[Site], device: torch.device) -> T
                       buffers={site: [] for site in sites})
 
 
+def time_save(trainer: TopKTrainer, site: Site, lm: LoadedModel, folder: Path) -> float:
+    """Seconds to export, save and reload one SAE (the build's last steps, per SAE)."""
+    from sae_lens import SAE  # imported before the clock starts: the first import takes seconds
+
+    began = time.perf_counter()
+    trainer.to_sae(site.hook_name, lm.model_id).save_model(folder)
+    SAE.load_from_disk(folder, device=str(lm.device), dtype="float32")
+    shutil.rmtree(folder, ignore_errors=True)
+    return time.perf_counter() - began
+
+
 def fit_budget(state: TrainState, plan: BuildPlan, available: int) -> None:
-    """Lower the token target to what the corpus holds and to what fits the wall-clock training
-    budget at the speed measured so far; the trainers' schedules follow. (A machine shared with
-    other jobs trains fewer tokens rather than taking longer.)"""
+    """Set the token target to what the corpus holds and to what fits the wall-clock training
+    budget at the speed measured so far; the trainers' schedules follow (`TopKTrainer.retarget`: in
+    the decay phase the rate only goes down). A machine shared with other jobs trains fewer tokens
+    rather than taking longer; a machine that speeds up again trains more."""
     total = min(plan.train_tokens, available)
     if state.budget_seconds > 0:
         total = min(total, int(state.tokens / state.seconds * state.budget_seconds))
-    decay = next(iter(state.trainers.values())).cfg.decay_fraction
-    if state.tokens > (1 - decay) * state.total_tokens:
-        total = min(total, state.total_tokens)  # in the decay phase: the learning rate only goes down
     state.total_tokens = max(plan.batch_tokens, total)
     for trainer in state.trainers.values():
-        trainer.total_tokens = state.total_tokens
+        trainer.retarget(state.total_tokens)
 
 
 def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCorpus, sites: list[Site],
-               progress: Progress, checkpoint_seconds: float = 600.0, budget_seconds: float = 0.0) -> TrainState:
+               progress: Progress, checkpoint_seconds: float = 600.0, deadline: float = 0.0) -> TrainState:
     """Stream the training windows through the model once; every site's trainer steps on its tokens.
-    `budget_seconds` (> 0) bounds the wall-clock training time, resumed runs included."""
+
+    `deadline` (a `time.perf_counter()` value; 0 = none): the training budget is refitted after every
+    forward so that training ends when what is left (saving and evaluating, `finish_cost` at the pace
+    measured so far) ends by the deadline: under load the build trains fewer tokens, it does not take
+    longer. A resumed build keeps the training budget of its first run instead."""
     state = load_checkpoint(work, sites, lm.device)
-    state.budget_seconds = state.budget_seconds or budget_seconds  # a resumed build keeps its first budget
-    if state.trainers:
+    resumed = bool(state.trainers)
+    if resumed:
         progress.progress(0, 0, f"resuming training at {state.tokens:,} of {state.total_tokens:,} tokens")
     state.total_tokens = state.total_tokens or plan.train_tokens
     windows = corpus.train
+    pace = state.pace
     last_save = time.perf_counter()
     while state.tokens < state.total_tokens and state.next_window < len(windows):
         began, began_cpu = time.perf_counter(), time.process_time()
         ids = windows[state.next_window:state.next_window + plan.seqs_per_forward]
         acts = _site_acts(lm, sites, ids)
+        pace.forward = pace.mix(pace.forward, (time.perf_counter() - began) / len(ids))
         mask = valid_tokens(acts, plan.sink_ratio)
         for site in sites:
             state.buffers[site].append(acts[site][mask].float())  # [n_valid, width]
         state.next_window += len(ids)
+        stepped_at, tokens_before = time.perf_counter(), state.tokens
         _step_full_batches(state, plan, lm.device)
+        if state.tokens > tokens_before:
+            pace.step = pace.mix(pace.step, (time.perf_counter() - stepped_at) / (state.tokens - tokens_before)
+                                 / len(sites))
+        if state.trainers and not pace.save:
+            site, trainer = next(iter(state.trainers.items()))
+            pace.save = time_save(trainer, site, lm, work.path / "save-probe")
         if time.perf_counter() - last_save > checkpoint_seconds:
             save_checkpoint(work, state, plan.seq_len)
             last_save = time.perf_counter()
         state.seconds += time.perf_counter() - began
         state.cpu_seconds += (time.process_time() - began_cpu) / torch.get_num_threads()
+        if deadline and not resumed:
+            finish = finish_cost(plan, sites, lm.n_layers, len(corpus.held_out), pace).total
+            state.budget_seconds = state.seconds + max(0.0, deadline - time.perf_counter() - finish)
         if state.tokens >= 4 * plan.batch_tokens:
             # Refit all along: steps slow down as AuxK picks up dead latents, checkpoints cost time.
             fit_budget(state, plan, available=int(0.98 * windows.numel()))
@@ -408,13 +477,22 @@ def _replace_with(value: Tensor, mask: Tensor) -> Edit:
 
 
 def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, plan: BuildPlan,
-                  progress: Progress) -> dict[Site, dict]:
+                  progress: Progress, deadline: float = 0.0, losses_seconds: float = 0.0) -> dict[Site, dict]:
     """Variance explained, L0 and dead fraction on held-out windows; then the LM loss on
-    `plan.ce_sequences` windows with each SAE spliced in vs clean vs its site mean-ablated."""
+    `plan.ce_sequences` windows with each SAE spliced in vs clean vs its site mean-ablated.
+
+    `deadline` (perf_counter; 0 = none): after the first held-out batch, a batch that would leave less
+    than `losses_seconds` (the predicted spliced-loss time) before the deadline is not run; every SAE is
+    then measured on the same, fewer, tokens (each site's `eval_tokens` says how many)."""
     sites = sorted(saes)
     stats = {site: SiteStats() for site in sites}
     n_batches = math.ceil(len(held_out) / plan.seqs_per_forward)
+    began = time.perf_counter()
     for b in range(n_batches):
+        per_batch = (time.perf_counter() - began) / max(b, 1)
+        if deadline and b and time.perf_counter() + per_batch + losses_seconds > deadline:
+            n_batches = b
+            break
         ids = held_out[b * plan.seqs_per_forward:(b + 1) * plan.seqs_per_forward]
         acts = _site_acts(lm, sites, ids)
         mask = valid_tokens(acts, plan.sink_ratio)
@@ -481,15 +559,19 @@ def partial_dir(cache_dir: Path, name: str) -> Path:
 
 def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: str = "auto",
                progress: Progress = QUIET, sources: tuple[Source, ...] = DEFAULT_SOURCES,
-               force: bool = False, lm: LoadedModel | None = None, checkpoint_seconds: float = 600.0) -> Path:
-    """Build (or resume) pack `plan.name` under `<cache>/packs/`; returns the pack directory."""
+               force: bool = False, lm: LoadedModel | None = None, checkpoint_seconds: float = 600.0,
+               started: float | None = None) -> Path:
+    """Build (or resume) pack `plan.name` under `<cache>/packs/`; returns the pack directory.
+
+    On CPU the whole build, from `started` (a `time.perf_counter()` value; default: now), ends within
+    `plan.build_minutes`: training is cut to leave time for saving and evaluating at the measured pace."""
     def say(message: str, done: int = 0, total: int = 0) -> None:
         progress.progress(done, total, message)
     final = packs_root(cache_dir) / check_pack_name(plan.name)
     if is_complete(final) and not force:
         say(f"pack {plan.name} is already built at {final}", 0, 0)
         return final
-    started, started_cpu = time.perf_counter(), time.process_time()
+    started, started_cpu = started or time.perf_counter(), time.process_time()
     work = WorkDir(partial_dir(cache_dir, plan.name))
     key = plan.key(sources)
     if work.prepare(key):
@@ -500,19 +582,20 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
         raise AuditError(f"layers {layers[0]}-{layers[-1]} are outside {lm.model_id}'s 0-{lm.n_layers - 1}")
     sites = pack_sites(layers)
     corpus = prepare_corpus(work, plan, lm, sources, cache_dir / "corpus", progress)
-    budget = 0.0
-    if plan.build_minutes > 0 and lm.device.type == "cpu":  # a GPU build is fast: no budget
-        left = 60 * (plan.build_minutes - plan.eval_minutes) - (time.perf_counter() - started)
-        if left < 15 * (plan.build_minutes - plan.eval_minutes):  # under a quarter of the training time
-            say(f"warning: only {max(left, 0):.0f} s of the {plan.build_minutes:g} min budget are left for "
-                "training; the SAEs will be undertrained (raise --minutes)", 0, 0)
-        budget = max(1.0, left)
-    state = train_saes(work, plan, lm, corpus, sites, progress, checkpoint_seconds, budget)
+    # a GPU build is fast: no budget
+    deadline = started + 60 * plan.build_minutes if plan.build_minutes > 0 and lm.device.type == "cpu" else 0.0
+    state = train_saes(work, plan, lm, corpus, sites, progress, checkpoint_seconds, deadline)
     say("train", state.total_tokens, state.total_tokens)
+    if deadline and state.tokens < plan.train_tokens / 4:
+        say(f"warning: the {plan.build_minutes:g} min budget left time for {state.tokens:,} of {plan.train_tokens:,} "
+            "tokens per SAE; the SAEs are undertrained (raise --minutes)", 0, 0)
+    finishing = time.perf_counter()
+    predicted = finish_cost(plan, sites, lm.n_layers, len(corpus.held_out), state.pace)
     saved = save_saes(work, state, lm)
     say("save", len(saved), len(saved))
     train_seconds = state.seconds
-    quality = evaluate_saes(lm, load_saved(saved, lm.device), corpus.held_out, plan, progress)
+    quality = evaluate_saes(lm, load_saved(saved, lm.device), corpus.held_out, plan, progress, deadline,
+                            predicted.losses)
     trained = state.tokens
     for site, trainer in state.trainers.items():
         quality[site].update({"k": trainer.cfg.k, "train_tokens": trainer.tokens,
@@ -526,6 +609,9 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
                           "budget_seconds": round(state.budget_seconds, 1),
                           "train_cpu_seconds_per_thread": round(state.cpu_seconds, 1),
                           "build_seconds": round(time.perf_counter() - started, 1),
+                          "build_budget_seconds": round(60 * plan.build_minutes, 1) if deadline else 0.0,
+                          "finish_seconds": round(time.perf_counter() - finishing, 1),
+                          "finish_predicted_seconds": round(predicted.total, 1),
                           "build_cpu_seconds_per_thread": round((time.process_time() - started_cpu)
                                                                 / torch.get_num_threads(), 1),
                           "device": str(lm.device), "model_dtype": str(lm.dtype).removeprefix("torch."),

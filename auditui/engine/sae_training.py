@@ -100,17 +100,30 @@ class TopKTrainer:
         self.aux_k = cfg.aux_k or 2 * cfg.k
         self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)  # tokens
         self.tokens = 0
-        self.total_tokens = cfg.total_tokens  # may be lowered once the speed is known
+        self.total_tokens = cfg.total_tokens  # refitted to the time budget (`retarget`)
+        self.decay_anchor: tuple[int, float] | None = None  # (tokens, lr) where a retargeted decay starts
 
     # -- schedule ------------------------------------------------------------------------------
     def lr_at(self, tokens: int) -> float:
+        """Warm-up, constant, then linear decay to 0 at `total_tokens`; after a retarget in the decay
+        phase the decay runs straight from the anchor's rate to 0 at the new total."""
         cfg = self.cfg
+        if self.decay_anchor is not None:
+            at, lr = self.decay_anchor
+            return lr * max(0.0, (self.total_tokens - tokens) / max(1, self.total_tokens - at))
         frac = tokens / max(1, self.total_tokens)
         if frac < cfg.warmup_fraction:
             return cfg.lr * (frac / cfg.warmup_fraction + 1e-2)
         if frac > 1 - cfg.decay_fraction:
             return cfg.lr * max(0.0, (1 - frac) / cfg.decay_fraction)
         return cfg.lr
+
+    def retarget(self, total_tokens: int) -> None:
+        """A new token target. Before the decay phase the schedule simply stretches or shrinks; in it,
+        the rate decays from its current value to 0 at the new total, so it never rises again."""
+        if self.decay_anchor is not None or self.tokens > (1 - self.cfg.decay_fraction) * self.total_tokens:
+            self.decay_anchor = (self.tokens, self.lr_at(self.tokens))
+        self.total_tokens = total_tokens
 
     # -- one step ------------------------------------------------------------------------------
     def losses_and_grads(self, x: Tensor) -> dict[str, float]:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_SOURCES, Stages, tiny_plan
+from helpers import TEXT, TINY_SOURCES, Stages, tiny_plan
 from typer.testing import CliRunner
 
 from auditui.cli import app
-from auditui.engine.corpus import archive_members, clean_wikitext, load_source, token_sequences, wiki_documents
+from auditui.engine.corpus import Source, archive_members, clean_wikitext, load_source, token_sequences, wiki_documents
 from auditui.engine.packs import TrainState, build_pack, fit_budget, list_packs, partial_dir, valid_tokens
 from auditui.engine.sae_training import TopKTrainer, TrainConfig
 from auditui.engine.saes import SAEBank, weights_digest
@@ -281,28 +281,59 @@ def test_a_changed_plan_restarts_the_work_folder(tiny_models, tmp_path):
 
 def test_time_budget_lowers_the_token_target(tiny_models, tmp_path):
     plan = tiny_plan("budget", model=str(tiny_models["llama"]), layers=(0,), train_tokens=50_000,
-                     build_minutes=0.0005, eval_minutes=0)
+                     build_minutes=0.0005)
     stages = Stages()
     events = stages.events
     path = build_pack(plan, tmp_path, "cpu", "float32", progress=stages, sources=TINY_SOURCES)
     training = json.loads((path / "pack.json").read_text())["training"]
-    assert 4 * 512 <= training["tokens_per_sae"] < 50_000
-    assert training["budget_seconds"] == 1.0 and training["train_seconds"] < 10
+    assert 4 * 512 <= training["tokens_per_sae"] < 50_000  # refitting starts after 4 batches
+    assert training["budget_seconds"] <= training["train_seconds"] + 0.01 and training["train_seconds"] < 10
     assert any("undertrained" in str(e[0]) for e in events)
 
 
-def test_refitting_in_the_decay_phase_only_lowers_the_target():
-    trainer = TopKTrainer(8, TrainConfig(d_sae=16, k=2, total_tokens=1000), torch.device("cpu"), 1.0, torch.zeros(8))
-    trainer.tokens = 800  # past 1 - decay_fraction = 70% of the target
+MANY = (Source("many", "python", weight=1.0, loader=lambda: [TEXT[i % 300:] + TEXT * 2 for i in range(3000)]),)
+
+
+def test_a_budgeted_build_ends_on_time_on_a_loaded_machine(tiny_models, tmp_path):
+    """The whole build (model load, corpus, training, saving, evaluation) ends within 5% of its budget
+    with two other processes spinning on the machine's cores for the whole build."""
+    plan = tiny_plan("ontime", model=str(tiny_models["llama"]), layers=(0, 1), train_tokens=10**7, d_sae=1024, k=8,
+                     build_minutes=0.5, held_out_tokens=2048)
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        began = time.perf_counter()
+        path = build_pack(plan, tmp_path, "cpu", "float32", sources=MANY, started=began)
+        seconds = time.perf_counter() - began
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+    training = json.loads((path / "pack.json").read_text())["training"]
+    print(f"{seconds:.2f} s of 30; {training}")
+    assert abs(seconds - 30) <= 0.05 * 30, training
+    assert training["build_budget_seconds"] == 30.0 and abs(training["build_seconds"] - seconds) < 0.5
+    assert 0 < training["finish_predicted_seconds"] and training["tokens_per_sae"] < 10**7
+
+
+def test_refitting_in_the_decay_phase_never_raises_the_learning_rate():
+    trainer = TopKTrainer(8, TrainConfig(d_sae=16, k=2, lr=0.3, total_tokens=1000), torch.device("cpu"), 1.0,
+                          torch.zeros(8))
+    trainer.tokens = 800  # past 1 - decay_fraction = 70% of the target: lr 0.3 * 0.2 / 0.3 = 0.2
+    assert trainer.lr_at(800) == pytest.approx(0.2)
     state = TrainState({Site(0, "resid_post"): trainer}, seconds=1.0, budget_seconds=10.0, total_tokens=1000)
-    fit_budget(state, tiny_plan(train_tokens=10**6), available=10**6)  # 800 tok/s x 10 s = 8000 > 1000
-    assert state.total_tokens == trainer.total_tokens == 1000
-    state.seconds = 20.0  # slower: 40 tok/s x 10 s = 400 -> lowered (the run ends, lr only went down)
+    fit_budget(state, tiny_plan(train_tokens=10**6), available=10**6)  # 800 tok/s x 10 s = 8000
+    assert state.total_tokens == trainer.total_tokens == 8000  # the machine sped up: more tokens...
+    assert [trainer.lr_at(t) for t in (800, 4400, 8000)] == pytest.approx([0.2, 0.1, 0.0])  # ...the same rate, down to 0
+    trainer.tokens = 4400
+    state.seconds = 20.0  # slower: 220 tok/s x 10 s = 2200 < 4400 tokens: the run ends now
     fit_budget(state, tiny_plan(train_tokens=10**6), available=10**6)
-    assert state.total_tokens == trainer.total_tokens == 512  # never below one batch of tiny_plan
-    trainer.tokens, state.total_tokens, state.seconds = 100, 1000, 0.05  # before the decay: free to grow
+    assert state.total_tokens == trainer.total_tokens == 2200 and trainer.lr_at(4400) == 0.0
+    fresh = TopKTrainer(8, TrainConfig(d_sae=16, k=2, lr=0.3, total_tokens=1000), torch.device("cpu"), 1.0,
+                        torch.zeros(8))
+    fresh.tokens = 100  # before the decay: the schedule stretches
+    state = TrainState({Site(0, "resid_post"): fresh}, seconds=0.05, budget_seconds=10.0, total_tokens=1000)
     fit_budget(state, tiny_plan(train_tokens=10**6), available=10**6)
-    assert state.total_tokens == trainer.total_tokens == 20_000  # 2000 tok/s x 10 s
+    assert state.total_tokens == fresh.total_tokens == 20_000 and fresh.decay_anchor is None  # 2000 tok/s x 10 s
+    assert fresh.lr_at(100) == pytest.approx(0.3 * (100 / 20_000 / 0.05 + 1e-2))  # still warming up
 
 
 # -- CLI ---------------------------------------------------------------------------------------
@@ -328,7 +359,7 @@ def test_pack_cli_errors_are_one_line(tmp_path, monkeypatch):
     cases = [(["pack", "info", "demo"], "auditui pack build demo"),
              (["pack", "build", "x", "--layers", "5-2", "--model", str(tmp_path)], "layers"),
              (["pack", "build", "x", "--k", "0", "--model", str(tmp_path)], "--k"),
-             (["pack", "build", "x", "--minutes", "4", "--model", str(tmp_path)], "--minutes")]
+             (["pack", "build", "x", "--minutes", "-1", "--model", str(tmp_path)], "--minutes")]
     for args, fragment in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and "error: " in result.output and fragment in result.output, result.output
