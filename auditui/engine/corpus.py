@@ -172,6 +172,23 @@ DEFAULT_SOURCES: tuple[Source, ...] = (
 )
 
 
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+
+
+def folder_sources(folder: Path) -> tuple[Source, ...]:
+    """Every text file under `folder` (.txt, .md, .rst) as one source weighted by its size: a pack
+    on your own text (`auditui pack build --corpus DIR`)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise AuditError(f"{folder} holds no {'/'.join(TEXT_SUFFIXES)} file to train on")
+
+    def reader(path: Path) -> Callable[[], list[str]]:
+        return lambda: plain_documents(path.read_bytes())
+    return tuple(Source(f"file-{i}-{path.stem[:40]}", f"file:{path.resolve()}", weight=max(1, path.stat().st_size),
+                        loader=reader(path), description=f"{path.name} (sha256 {file_digest(path)[:16]})")
+                 for i, path in enumerate(files))
+
+
 def _find_archive(folder: Path, name: str, version: str) -> Path | None:
     stem = re.sub(r"[-_.]+", "_", name).lower()
     for path in sorted(folder.glob("*")):
@@ -227,7 +244,8 @@ def load_source(source: Source, download_dir: Path) -> SourceText:
     """The documents of one source with where they came from (archive, its sha256, members)."""
     if source.loader is not None:
         docs = source.loader()
-        provenance = {"origin": f"python {sys.version.split()[0]}", "description": source.description}
+        origin = f"python {sys.version.split()[0]}" if source.origin == "python" else source.origin
+        provenance = {"origin": origin, "description": source.description}
     else:
         archive = fetch_archive(source.origin, download_dir)
         members = archive_members(archive, source.members)
@@ -252,6 +270,8 @@ class TokenCorpus:
     held_out: Tensor  # [n_held, seq_len] int64
     train_sources: list[str]
     provenance: dict[str, dict]
+    train_lengths: Tensor | None = None  # [n_train] real tokens of right-padded windows (None: all full)
+    held_out_lengths: Tensor | None = None  # [n_held]
 
     @property
     def seq_len(self) -> int:

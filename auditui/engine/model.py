@@ -8,6 +8,7 @@ imported: its runtime dependencies are not installed).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -213,7 +214,11 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", cache_root:
         root = cache_root or Path(user_cache_dir("auditui"))
         cached = gguf_cache_dir(path, root)
         if not (cached / "auditui-source.json").exists():
-            convert_gguf(path, cached, progress)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with open(cached.parent / f".{cached.name}.lock", "a") as lock:  # one conversion at a time (the TUI
+                fcntl.flock(lock, fcntl.LOCK_EX)  # and a background pack build load the model at once)
+                if not (cached / "auditui-source.json").exists():  # not converted by the other meanwhile
+                    convert_gguf(path, cached, progress)
         notes.append(f"GGUF {path.name} read from the safetensors cache {cached}")
         location, model_id = str(cached), path.stem
     elif kind == "dir":

@@ -55,6 +55,7 @@ class BuildPlan:
     name: str = "demo"
     model: str = "smollm2"
     layers: tuple[int, ...] = ()  # contiguous block; () = every layer
+    sites: tuple[str, ...] = ()  # explicit sites instead of the layers' (a targeted dictionary)
     d_sae: int = 2048
     k: int = 32
     lr: float = 6e-3
@@ -98,6 +99,19 @@ def pack_sites(layers: tuple[int, ...]) -> list[Site]:
     return head + [Site(layer, kind) for layer in layers for kind in LAYER_KINDS]
 
 
+def plan_sites(plan: BuildPlan, n_layers: int) -> list[Site]:
+    """The plan's explicit sites, else every pack site of its layers (default: all of the model's)."""
+    if plan.sites:
+        sites = sorted({Site.parse(text) for text in plan.sites})
+        if sites[-1].layer >= n_layers:
+            raise AuditError(f"site {sites[-1]} is outside the model's layers 0-{n_layers - 1}")
+        return sites
+    layers = plan.layers or tuple(range(n_layers))
+    if layers[-1] >= n_layers:
+        raise AuditError(f"layers {layers[0]}-{layers[-1]} are outside the model's 0-{n_layers - 1}")
+    return pack_sites(layers)
+
+
 def sae_dirname(site: Site) -> str:
     return f"{site.kind}_{site.layer:02d}"
 
@@ -114,6 +128,18 @@ def valid_tokens(acts: dict[Site, Tensor], sink_ratio: float) -> Tensor:
         median = norms[:, 1:].median()
         mask &= norms <= sink_ratio * median
     return mask
+
+
+def window_mask(acts: dict[Site, Tensor], sink_ratio: float, lengths: Tensor | None) -> Tensor:
+    """`valid_tokens`, and only the first `lengths[b]` positions of right-padded windows [batch]."""
+    mask = valid_tokens(acts, sink_ratio)
+    if lengths is not None:
+        mask &= torch.arange(mask.shape[1], device=mask.device) < lengths[:, None].to(mask.device)
+    return mask
+
+
+def _slice(lengths: Tensor | None, start: int, stop: int) -> Tensor | None:
+    return None if lengths is None else lengths[start:stop]
 
 
 # -- work folder ------------------------------------------------------------------------------
@@ -337,10 +363,11 @@ def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCor
     last_save = time.perf_counter()
     while state.tokens < state.total_tokens and state.next_window < len(windows):
         began, began_cpu = time.perf_counter(), time.process_time()
-        ids = windows[state.next_window:state.next_window + plan.seqs_per_forward]
+        first, stop = state.next_window, state.next_window + plan.seqs_per_forward
+        ids = windows[first:stop]
         acts = _site_acts(lm, sites, ids)
         pace.forward = pace.mix(pace.forward, (time.perf_counter() - began) / len(ids))
-        mask = valid_tokens(acts, plan.sink_ratio)
+        mask = window_mask(acts, plan.sink_ratio, _slice(corpus.train_lengths, first, stop))
         for site in sites:
             state.buffers[site].append(acts[site][mask].float())  # [n_valid, width]
         state.next_window += len(ids)
@@ -477,7 +504,8 @@ def _replace_with(value: Tensor, mask: Tensor) -> Edit:
 
 
 def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, plan: BuildPlan,
-                  progress: Progress, deadline: float = 0.0, losses_seconds: float = 0.0) -> dict[Site, dict]:
+                  progress: Progress, deadline: float = 0.0, losses_seconds: float = 0.0,
+                  lengths: Tensor | None = None) -> dict[Site, dict]:
     """Variance explained, L0 and dead fraction on held-out windows; then the LM loss on
     `plan.ce_sequences` windows with each SAE spliced in vs clean vs its site mean-ablated.
 
@@ -493,9 +521,10 @@ def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, p
         if deadline and b and time.perf_counter() + per_batch + losses_seconds > deadline:
             n_batches = b
             break
-        ids = held_out[b * plan.seqs_per_forward:(b + 1) * plan.seqs_per_forward]
+        first, stop = b * plan.seqs_per_forward, (b + 1) * plan.seqs_per_forward
+        ids = held_out[first:stop]
         acts = _site_acts(lm, sites, ids)
-        mask = valid_tokens(acts, plan.sink_ratio)
+        mask = window_mask(acts, plan.sink_ratio, _slice(lengths, first, stop))
         with torch.inference_mode():
             for site in sites:
                 x = acts[site][mask].float()
@@ -506,7 +535,10 @@ def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, p
     ids = held_out[:plan.ce_sequences]
     replay = LayerReplay(lm)
     clean_logits = replay.record(ids)
-    mask = valid_tokens(_site_acts(lm, sites, ids), plan.sink_ratio)
+    mask = window_mask(_site_acts(lm, sites, ids), plan.sink_ratio, _slice(lengths, 0, plan.ce_sequences))
+    if lengths is not None:  # position t predicts t + 1, which must be a real token too
+        last = lengths[:plan.ce_sequences, None].to(mask.device) - 1
+        mask[:, :-1] &= torch.arange(mask.shape[1] - 1, device=mask.device) < last
     clean = next_token_loss(clean_logits, ids, mask)
     replayed = next_token_loss(replay.tail_logits(0, {}), ids, mask)
     if abs(replayed - clean) > 1e-3 * max(1.0, abs(clean)):
@@ -560,11 +592,13 @@ def partial_dir(cache_dir: Path, name: str) -> Path:
 def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: str = "auto",
                progress: Progress = QUIET, sources: tuple[Source, ...] = DEFAULT_SOURCES,
                force: bool = False, lm: LoadedModel | None = None, checkpoint_seconds: float = 600.0,
-               started: float | None = None) -> Path:
+               started: float | None = None, corpus: TokenCorpus | None = None, extra: dict | None = None) -> Path:
     """Build (or resume) pack `plan.name` under `<cache>/packs/`; returns the pack directory.
 
     On CPU the whole build, from `started` (a `time.perf_counter()` value; default: now), ends within
-    `plan.build_minutes`: training is cut to leave time for saving and evaluating at the measured pace."""
+    `plan.build_minutes`: training is cut to leave time for saving and evaluating at the measured pace.
+    `corpus`: windows made by the caller instead of reading `sources` (which then only key the work);
+    `extra`: more manifest entries (a targeted dictionary's provenance)."""
     def say(message: str, done: int = 0, total: int = 0) -> None:
         progress.progress(done, total, message)
     final = packs_root(cache_dir) / check_pack_name(plan.name)
@@ -577,10 +611,9 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
     if work.prepare(key):
         say(f"resuming the interrupted build in {work.path}", 0, 0)
     lm = lm or load_model(plan.model, device, dtype, cache_dir, progress=progress)
-    layers = plan.layers or tuple(range(lm.n_layers))
-    if layers[-1] >= lm.n_layers:
-        raise AuditError(f"layers {layers[0]}-{layers[-1]} are outside {lm.model_id}'s 0-{lm.n_layers - 1}")
-    sites = pack_sites(layers)
+    sites = plan_sites(plan, lm.n_layers)
+    if corpus is not None and not work.corpus.exists():
+        save_atomic(corpus.__dict__, work.corpus)
     corpus = prepare_corpus(work, plan, lm, sources, cache_dir / "corpus", progress)
     # a GPU build is fast: no budget
     deadline = started + 60 * plan.build_minutes if plan.build_minutes > 0 and lm.device.type == "cpu" else 0.0
@@ -595,13 +628,17 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
     say("save", len(saved), len(saved))
     train_seconds = state.seconds
     quality = evaluate_saes(lm, load_saved(saved, lm.device), corpus.held_out, plan, progress, deadline,
-                            predicted.losses)
+                            predicted.losses, corpus.held_out_lengths)
     trained = state.tokens
     for site, trainer in state.trainers.items():
         quality[site].update({"k": trainer.cfg.k, "train_tokens": trainer.tokens,
                               "train_dead_fraction": round(trainer.dead_fraction, 4)})
-    for source, count in Counter(corpus.train_sources[:state.next_window]).items():
-        corpus.provenance[source]["train_tokens_used"] = count * plan.seq_len
+    lengths = corpus.train_lengths if corpus.train_lengths is not None else torch.full((len(corpus.train),), corpus.seq_len)
+    used: Counter[str] = Counter()
+    for source, length in zip(corpus.train_sources[:state.next_window], lengths.tolist()):
+        used[source] += length
+    for source, count in used.items():
+        corpus.provenance[source]["train_tokens_used"] = count
     extra = {"built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "plan": asdict(plan), "plan_key": key,
              "corpus": corpus.provenance,
              "training": {"trainer": "auditui.engine.sae_training.TopKTrainer (sparse TopK backward, AuxK)",
@@ -617,7 +654,7 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
                           "device": str(lm.device), "model_dtype": str(lm.dtype).removeprefix("torch."),
                           "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "excluded_tokens": f"position 0 and residual norm > {plan.sink_ratio}x layer median"},
-             "quality": summarize(quality)}
+             "quality": summarize(quality), **(extra or {})}
     work.checkpoint.unlink(missing_ok=True)
     write_pack_manifest(work.path, plan.name, lm.model_id, saved, extra=extra,
                         info={site: quality[site] for site in saved})

@@ -38,10 +38,15 @@ class AuditApp(App):
         Binding("ctrl+q", "quit", "Quit", show=False),
     ]
 
-    def __init__(self, settings: Settings, load_engine: bool = True):
+    def __init__(self, settings: Settings, load_engine: bool = True, build_pack: bool = False):
+        """`build_pack`: when the settings name a pack that is not built, build it in the background
+        (`auditui pack build`, detached; `pack_build_args` are added to its command line)."""
         super().__init__()
         self.settings = settings
         self.load_engine = load_engine
+        self.build_pack = build_pack
+        self.pack_build_args: tuple[str, ...] = ()
+        self.pack_build_line = ""  # "SAEs: building demo, train 43%, ready in ~17 min" while a build runs
         self.store: Store | None = None
         self.store_error = ""
         self.engine_status = "engine: loading" if load_engine else "engine: off"
@@ -66,6 +71,8 @@ class AuditApp(App):
         from auditui.tui.screens.sessions import SessionsScreen
 
         self.push_screen(SessionsScreen())
+        if self.build_pack and self.settings.pack:
+            self.run_worker(self._start_pack_build, thread=True, name="pack build", exit_on_error=False)
         if self.load_engine:
             self.submit("load model", self._load_engine, on_done=self._engine_loaded,
                         on_error=self._engine_failed, needs_engine=False, cancellable=False)
@@ -77,14 +84,12 @@ class AuditApp(App):
         ctx.progress(0, 0, f"loading {self.settings.model}")
         engine = open_engine(self.settings, progress=ctx, strict=False)
         ctx.state["engine"] = engine
-        lm, bank = engine.lm, engine.bank
-        saes = (f"{len(bank)} SAEs" + (f" ({bank.pack.name})" if bank.pack else "")) if len(bank) else "no SAEs"
-        return f"{lm.model_id} · {lm.n_layers} layers · {saes} · {lm.device}", list(bank.warnings), bank.pack
+        return engine_line(engine), list(engine.bank.warnings), engine.bank.pack
 
     def _engine_loaded(self, result: tuple[str, list[str], Any]) -> None:
         self.engine_status, warnings, self.pack = result
         self._sync_status()
-        for warning in warnings:
+        for warning in warnings if self.pack is not None or not self.pack_build_line else ():  # a build is on its way
             self.notify(warning, title="SAEs", severity="warning", timeout=10, markup=False)
         for screen in self.screen_stack:  # a session opened while the model loaded: is it this model's?
             if hasattr(screen, "check_model"):
@@ -93,6 +98,69 @@ class AuditApp(App):
     def _engine_failed(self, error: str) -> None:
         self.engine_error, self.engine_status = error, "model not loaded"
         self._sync_status()
+
+    # -- the SAE pack, built in the background --------------------------------------------------
+    def _start_pack_build(self) -> None:
+        """In a thread: when the settings' pack is a name not built yet, start its build unless one is
+        running; then watch it. (A path or a registry source has nothing to build.)"""
+        from auditui.pack_build import is_building, is_built, start_build
+
+        cache, name = self.settings.cache_path, self.settings.pack
+        try:
+            if is_built(cache, name):
+                return
+            log = None if is_building(cache, name) else start_build(self.settings, name, self.pack_build_args)
+        except AuditError:
+            return
+        self.call_from_thread(self._watch_pack_build, log)
+
+    def _watch_pack_build(self, log: Any) -> None:
+        self.pack_build_line = f"SAEs: building {self.settings.pack}, starting"
+        if log is not None:
+            self.notify(f"Building the SAE pack {self.settings.pack} in the background; sampling and labelling work "
+                        f"meanwhile, and the status bar says when it is ready. Log: {log}", title="SAEs", timeout=15,
+                        markup=False)
+        self._pack_timer = self.set_interval(2.0, self._poll_pack_build)
+        self._sync_status()
+
+    def _poll_pack_build(self) -> None:
+        from auditui.pack_build import is_built, read_status
+
+        cache, name = self.settings.cache_path, self.settings.pack
+        status = read_status(cache, name)
+        if is_built(cache, name):
+            self._pack_timer.stop()
+            self.pack_build_line = ""
+            self.submit("load SAEs", self._load_pack, on_done=self._pack_loaded, cancellable=False)
+        elif status is not None and status.state == "failed":
+            self._pack_timer.stop()
+            self.pack_build_line = status.line()
+            self.notify(f"building pack {name} failed: {status.message}", title="SAEs", severity="error", timeout=20,
+                        markup=False)
+        elif status is not None:
+            self.pack_build_line = status.line()
+        self._sync_status()
+
+    def _load_pack(self, ctx: JobContext) -> tuple[str, list[str], Any]:
+        """On the engine thread: the built pack's SAEs into the loaded engine."""
+        from auditui.engine.saes import SAEBank
+
+        engine = ctx.state["engine"]
+        lm = engine.lm
+        engine.bank = SAEBank.from_specs([self.settings.pack], self.settings.cache_path, device=lm.device,
+                                         model=lm.model).attach(lm)
+        return engine_line(engine), list(engine.bank.warnings), engine.bank.pack
+
+    def _pack_loaded(self, result: tuple[str, list[str], Any]) -> None:
+        self._engine_loaded(result)
+        self.notify(f"The SAE pack {self.settings.pack} is built and loaded: {result[0]}", title="SAEs", timeout=10,
+                    markup=False)
+
+    def status_text(self) -> str:
+        """The status bar's engine part: the model, and the pack build while one runs."""
+        if self.pack_build_line:
+            return f"{self.pack_build_line} · {self.engine_status.split(' · ')[0]}"
+        return self.engine_status
 
     def _remember_theme(self, theme: Any) -> None:
         guard_call(self, save_setting)("theme", theme.name)
@@ -187,7 +255,8 @@ class AuditApp(App):
         if isinstance(self.screen, PackQuality):
             return
         if self.pack is None:
-            self.notify("no SAE pack is loaded (start auditui with --pack NAME)", severity="error", markup=False)
+            self.notify(self.pack_build_line or "no SAE pack is loaded (start auditui with --pack NAME)",
+                        severity="warning" if self.pack_build_line else "error", markup=False)
             return
         self.push_screen(PackQuality(pack_info(self.pack)["summary"]))
 
@@ -233,5 +302,12 @@ def own_keys(node: App | Screen) -> list[tuple[str, Binding]]:
     return [(" ".join(keys), binding) for keys, binding in rows.values()]
 
 
+def engine_line(engine: Any) -> str:
+    """"SmolLM2-135M-Instruct · 30 layers · 91 SAEs (demo) · cpu"."""
+    lm, bank = engine.lm, engine.bank
+    saes = (f"{len(bank)} SAEs" + (f" ({bank.pack.name})" if bank.pack else "")) if len(bank) else "no SAEs"
+    return f"{lm.model_id} · {lm.n_layers} layers · {saes} · {lm.device}"
+
+
 def run_app(settings: Settings) -> None:
-    AuditApp(settings).run()
+    AuditApp(settings, build_pack=True).run()

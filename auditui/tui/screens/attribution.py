@@ -80,6 +80,7 @@ def number(value: float | None) -> str:
 
 
 class AttributionScreen(StepScreen):
+    NEEDS_SAES = True
     HELP = ("Δ-attribution: for each completion, δ_i = -(g·d_i)((a-ā)·d_i) averaged over the chosen "
             "positions, positive minus negative per prompt, averaged over prompts. Δ-act: the SAE "
             "activation difference over completion tokens. exact: the real ΔL of mean-ablating the latent.")

@@ -17,6 +17,13 @@ from auditui.tui.widgets.status import StatusBar
 
 class AuditScreen(Screen):
     AUTO_FOCUS = "DataTable"  # not a text field: the screen's letter keys act from the start
+    NEEDS_SAES = False  # a screen whose steps need SAEs says when they will be ready while the pack builds
+
+    def on_screen_resume(self) -> None:
+        building = getattr(self.app, "pack_build_line", "")
+        if self.NEEDS_SAES and building:
+            self.notify(f"{building}. The {self.title or 'screen'} needs them; prompts, sampling and labelling "
+                        "work meanwhile.", title="SAEs", severity="warning", timeout=8, markup=False)
 
     @property
     def store(self) -> Any:

@@ -18,6 +18,7 @@ from auditui.tui.widgets.status import StatusBar
 
 
 class FeaturesScreen(AuditScreen):
+    NEEDS_SAES = True
     HELP = "The steering set is what `t` on the Samples screen steers: one plan over all of its latents."
     BINDINGS = [
         Binding("d,delete", "remove", "Remove"),

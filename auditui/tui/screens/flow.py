@@ -39,6 +39,7 @@ def tokens(label: list[str] | None, n: int = 4) -> str:
 
 
 class FlowScreen(StepScreen):
+    NEEDS_SAES = True
     HELP = ("Rows are the residual nodes of the flow graph, layer by layer; the pane lists the current node's "
             "predecessors. Every graph is saved as a run; [ and ] walk back and forward through those shown here.")
     TERMS = (("s^R, s^M, s^A", "the best decoder cosine of the node with a latent of the residual SAE one layer "

@@ -56,6 +56,7 @@ def lens_line(pairs: list[tuple[str, float]]) -> str:
 
 
 class LatentScreen(AuditScreen):
+    NEEDS_SAES = True
     HELP = ("Activations are the SAE's encoding of the site over each text; position 0 (the attention sink) "
             "never counts. Rows: the held-out corpus windows where the latent is most active, then every "
             "session text where it fires, then its flow neighbours (Enter opens a neighbour's page).")

@@ -31,6 +31,7 @@ CYCLES = {"op": ("add", "rescale", "clamp", "mean_ablate"), "sched": ("constant"
 
 
 class SteeringScreen(StepScreen):
+    NEEDS_SAES = True
     HELP = ("A plan adds s·v (add), rescales a feature's activation by r (rescale; r=0 removes it), sets it "
             "(clamp) or mean-ablates it, at every layer of l_start..l (cumulative) or only l (single). "
             "Each strength multiplies every coefficient; 0 is the unsteered baseline's twin. Steered "

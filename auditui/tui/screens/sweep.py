@@ -54,6 +54,7 @@ def point_cells(label: str, point: dict, edge: dict) -> tuple[str, ...]:
 
 
 class SweepScreen(StepScreen):
+    NEEDS_SAES = True
     HELP = ("Each strength multiplies every coefficient of the plan; 0 is the unsteered samples. score = b·c "
             "(toward) or (1-b)·c (away) from the judge's behaviour b and coherence c, a mean with its 95% "
             "interval; unscored: answers the judge gave that could not be read, or calls that failed, counted "

@@ -27,7 +27,7 @@ class StatusBar(Horizontal):
         bars, engines = self.query(ProgressBar), self.query("#engine-state")
         if not bars or not engines:
             return
-        self.engine_text = getattr(app, "engine_status", "")
+        self.engine_text = app.status_text() if hasattr(app, "status_text") else ""
         job = getattr(app, "job_status", None)
         self.job_text = job[0] if job else ""
         bars.first().display = job is not None
