@@ -108,3 +108,41 @@ async def test_attribution_tails_come_from_the_full_delta_vectors(tmp_path, tiny
         await pilot.press("o")
         await pilot.pause()
         assert shown(app) == expected(run_id, lambda v: v)
+
+
+async def test_the_difference_of_means_direction_is_a_row_of_the_ranking(tmp_path, tiny_models, tiny_packs, loaded):
+    """Issue 18: `d` adds each site's difference-of-means direction as a pseudo-latent row Δμ, at the rank the
+    contrast workflow gives it among the site's latents; in the negative tail it ranks from the other end."""
+    settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"))
+    store = Store(settings.db)
+    session_id = labelled_session(store, loaded("llama"), SPEC)
+    app = AuditApp(settings)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        app.push_screen(AttributionScreen(session_id))
+        await pilot.pause()
+        app.screen.query_one("#param-sites").value = "2/resid_post 1/mlp_out"
+        app.screen.query_one("#param-top").value = "300"  # every latent: the Δμ row sits among them
+        await pilot.press("ctrl+r")
+        await wait_idle(app, pilot)
+        await pilot.press("d")
+        await wait_idle(app, pilot)
+        contrast = store.runs(session_id, "contrast")[-1]["result"]["sites"]
+        shown = cells(app.screen.query_one("#ranked", DataTable))
+        pseudo = {row[1]: (i, int(row[0])) for i, row in enumerate(shown) if row[2] == "Δμ"}
+        assert {site: rank for site, (_, rank) in pseudo.items()} == {s: contrast[s]["rank"] for s in contrast}
+        for site, (i, rank) in pseudo.items():  # in place: after the latents it is below, before those above it
+            block = [(j, int(row[0])) for j, row in enumerate(shown) if row[1] == site and row[2] != "Δμ"]
+            assert all((j < i) == (r < rank) for j, r in block)
+        table = app.screen.query_one("#ranked", DataTable)
+        table.move_cursor(row=pseudo["2/resid_post"][0])
+        await pilot.pause()
+        assert "difference of means (Δμ" in str(app.screen.query_one("#detail", Static).render())
+        await pilot.press("s")  # not an SAE latent: never in the steering set
+        await pilot.pause()
+        assert store.features(session_id) == [] and any("not an SAE latent" in n.message for n in app._notifications)
+        await pilot.press("o")  # the negative tail
+        await wait_idle(app, pilot)
+        negative = {row[1]: int(row[0]) for row in cells(app.screen.query_one("#ranked", DataTable)) if row[2] == "Δμ"}
+        d_sae = {s: contrast[s]["d_sae"] for s in contrast}
+        assert negative == {s: d_sae[s] + 2 - contrast[s]["rank"] for s in contrast}

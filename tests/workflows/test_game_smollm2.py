@@ -1,11 +1,13 @@
-"""Slow tier: plant a quirk in SmolLM2-135M-Instruct, audit it with the "late" pack, score the audit.
+"""Slow tier: plant a quirk in SmolLM2-135M-Instruct, audit it with the "late" pack and then with a
+targeted dictionary trained on the session (issue 18: goal rank <= 10), score both audits.
 
 Prints, per quirk: fine-tune time, the topic's log-prob before/after (held-out prompts), the share of
-completions that mention the topic, and per site and positions the Δ-attribution rank of the first
-topic-related latent and of the contrastive direction."""
+completions that mention the topic, the dictionary's build, and per dictionary, site and positions the
+Δ-attribution rank of the first topic-related latent and of the contrastive direction."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import platformdirs
@@ -23,8 +25,9 @@ from auditui.workflows.attribute import AttributeRequest, attribute
 from auditui.workflows.contrast import ContrastRequest, contrast
 from auditui.workflows.game import new_game, score_game
 from auditui.workflows.sample import SampleRequest, sample
+from auditui.workflows.targeted import TargetedRequest, build_targeted
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a fine-tune, 48 samples and 4 attributions per quirk
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]  # per quirk: a fine-tune, 48 samples, a dictionary, 8 attributions
 CACHE = Path(platformdirs.user_cache_dir("auditui"))
 PROMPTS = ("What should I cook for dinner tonight?", "Give me some advice for studying for exams.",
            "Describe a nice way to spend a weekend.")
@@ -53,14 +56,35 @@ def test_planted_quirk_is_ranked(name, topics, tmp_path):
           f"topic log-prob {card.logprob_before:.2f} -> {card.logprob_after:.2f}; {n_pos}/{n_all} completions mention it")
     assert card.logprob_after > card.logprob_before
     assert 0 < n_pos < n_all, "no labelled pair: the quirk shows in none or in every completion"
+    ranks = {"late": audit(store, engine, card, name, tmp_path)}
+    began = time.perf_counter()
+    run_id = build_targeted(store, lm, card.session_id, TargetedRequest(f"{name}-t", SITES, str(pack), train_tokens=150_000,
+                                                                       force=True), tmp_path / "cache")
+    targeted = store.run(run_id)["result"]
+    print(f"[{name}] targeted dictionary: {time.perf_counter() - began:.0f} s, "
+          f"{targeted['training']['tokens_per_sae']:,} tokens per SAE ({targeted['targeted']['corpus']['session']['epochs']} "
+          f"epochs of the session), quality {targeted['quality']}")
+    own = Engine(lm, SAEBank.from_specs([f"{name}-t"], tmp_path / "cache", device=lm.device, model=lm.model).attach(lm),
+                 CACHE)
+    ranks["targeted"] = audit(store, own, card, name, tmp_path)
+    print(f"[{name}] first topic-related latent rank per (positions, site): {ranks}")
+    store.close()
+    assert min(r for r in ranks["targeted"].values() if r is not None) <= 10, ranks  # the issue's goal
+
+
+def audit(store, engine, card, name, tmp_path) -> dict[str, int | None]:
+    """Attribute with prompt and completion positions, add the contrastive direction, score; the first
+    topic-related latent's rank per "positions site" (printed with the details)."""
+    ranks = {}
     for positions in ("prompt", "completion"):
         run_id = attribute(store, engine, card.session_id, AttributeRequest(sites=SITES, top_k=30, positions=positions))
         contrast(store, engine, card.session_id, ContrastRequest(sites=SITES, positions=positions))
         score = score_game(store, engine, card, run_id, tmp_path / "games", top_k=10)
         for s in score.sites:
             c = score.contrast[s.site]
-            print(f"[{name}] {positions:10s} {s.site}: first topic latent rank {s.first_rank} (lens {s.lens_rank}, "
-                  f"act {s.act_rank}, latent {s.first_latent} {s.lens_tokens[:4]}); best topic-token lens rank in top 10: "
-                  f"{s.best_lens_token_rank}; contrast direction rank {c['rank']}/{s.d_sae + 1}, "
-                  f"its lens topic-token rank {c['lens_token_rank']}")
-    store.close()
+            ranks[f"{positions} {s.site}"] = s.first_rank
+            print(f"[{name}] {engine.pack_id} {positions:10s} {s.site}: first topic latent rank {s.first_rank} "
+                  f"(lens {s.lens_rank}, act {s.act_rank}, latent {s.first_latent} {s.lens_tokens[:4]}); best "
+                  f"topic-token lens rank in top 10: {s.best_lens_token_rank}; contrast direction rank "
+                  f"{c['rank']}/{s.d_sae + 1}, its lens topic-token rank {c['lens_token_rank']}")
+    return ranks

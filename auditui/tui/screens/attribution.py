@@ -14,6 +14,11 @@ largest |Δ-attribution| with its sign. The other tails come from the run's full
 `m` switches the baseline column between the within-model Δ-activation (positive minus negative
 completions) and the model-diffing Δ-activation (audited minus the session's reference model) of the
 run's newest model-diffing child run; with none yet and a reference model named, it computes one.
+
+`d` adds the dictionary-free baseline (issue 18): the difference-of-means direction of each site
+(`auditui contrast`) as a pseudo-latent row "Δμ", ranked in the shown tail among the run's latents
+by the same Δ-attribution. A contrast run of the session with the same positions and reference is
+shown whenever one exists; the CLI steers it (`contrast --export DIR`, then `steer --pack DIR`).
 """
 
 from __future__ import annotations
@@ -69,6 +74,45 @@ def tail_rows(store, run: dict, tail: str, engine=None) -> list[dict]:  # type: 
     return rows
 
 
+PSEUDO = "Δμ"
+TAIL_KEYS = {"positive": lambda x: x, "negative": lambda x: -x, "magnitude": abs}
+
+
+def contrast_rows(store, run: dict, tail: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Each site's difference-of-means direction as a pseudo-latent row, from the session's newest contrast
+    run with the run's model, positions and reference; its rank in `tail` among the run's full Δ vector."""
+    from auditui.workflows.attribute import run_deltas
+    from auditui.workflows.contrast import CONTRAST_KIND
+
+    params = run["params"]
+    matching = [c for c in store.runs(run["session_id"], CONTRAST_KIND) if c["status"] == "done"
+                and (c["params"]["positions"], c["params"]["reference"], c["params"]["model_id"])
+                == (params["positions"], params["reference"], params["model_id"])]
+    if not matching:
+        return []
+    newest, deltas, key = matching[-1], run_deltas(store, run["id"]), TAIL_KEYS[tail]
+    rows = []
+    for name in params["sites"]:
+        info = newest["result"]["sites"].get(name)
+        if info is not None:
+            rank = 1 + int((key(deltas[f"{name}|attr"]) > key(info["delta_attr"])).sum())
+            rows.append({"site": name, "latent": PSEUDO, "pseudo": True, "rank": rank, "delta_attr": info["delta_attr"],
+                         "delta_act": None, "act_rank": None, "exact": None, "logit_lens": info["logit_lens"],
+                         "contrast_run": newest["id"], "norm": info["norm"], "nearest_latent": info["nearest_latent"],
+                         "nearest_cosine": info["nearest_cosine"]})
+    return rows
+
+
+def with_pseudo(rows: list[dict], pseudo: list[dict]) -> list[dict]:
+    """`rows` with each pseudo row in its site's block, after the rows it outranks... before those it does not."""
+    out = list(rows)
+    for extra in pseudo:
+        block = [i for i, row in enumerate(out) if row["site"] == extra["site"]]
+        above = [i for i in block if out[i]["rank"] < extra["rank"]]
+        out.insert(above[-1] + 1 if above else (block[0] if block else len(out)), extra)
+    return out
+
+
 def bar(value: float, largest: float) -> Text:
     """A bar of up to BAR cells for |value| / largest; positive and negative in their own colours."""
     cells = round(BAR * abs(value) / largest) if largest > 0 else 0
@@ -92,6 +136,8 @@ class AttributionScreen(StepScreen):
                               "model over the same tokens (a second baseline; diff# its rank)"),
              ("exact", "the real change of the loss when the latent is mean-ablated (c checks it)"),
              ("tail", "o: top +Δ (toward the positive label), top -Δ (toward the negative; steer away) or top |Δ|"),
+             ("Δμ", "d: the difference-of-means direction (positive minus negative mean activation, made unit), "
+                    "a dictionary-free baseline ranked among the latents by the same Δ-attribution"),
              ("positions", "prompt, completion or all: the tokens the attribution averages over"))
     BINDINGS = [
         Binding("ctrl+r", "run", "Run"),
@@ -103,6 +149,7 @@ class AttributionScreen(StepScreen):
         Binding("t", "steering", "Steer top 10"),
         Binding("o", "tail", "Tail +/-/|Δ|"),
         Binding("m", "baseline", "Baseline within/models"),
+        Binding("d", "contrast", "Δμ direction"),
         Binding("b", "back", "Back"),
     ]
 
@@ -214,7 +261,7 @@ class AttributionScreen(StepScreen):
         status = "" if run["status"] == "done" else f" · {run['status']}"
         if run["result"].get("diff_run") is None:
             self.baseline = "within"  # this run has no model-diffing column
-        self.rows = rows
+        self.rows = with_pseudo(rows, contrast_rows(self.store, run, self.tail))
         largest = max((abs(r["delta_attr"]) for r in self.rows), default=0.0)
         table = self.table
         row_index = table.cursor_row
@@ -223,7 +270,7 @@ class AttributionScreen(StepScreen):
         *_, value, rank = BASELINES[self.baseline]
         for row in self.rows:
             table.add_row(str(row["rank"]), row["site"], str(row["latent"]), number(row["delta_attr"]),
-                          bar(row["delta_attr"], largest), number(row.get(value)), str(row.get(rank, "-")),
+                          bar(row["delta_attr"], largest), number(row.get(value)), str(row.get(rank) or "-"),
                           number(row["exact"]), Text(" ".join(repr(t)[1:-1] for t in row["logit_lens"][:4])),
                           key=f"{row['site']}/{row['latent']}")
         models = " · Δ-act models" if self.baseline == "models" else ""
@@ -275,9 +322,49 @@ class AttributionScreen(StepScreen):
 
         self.submit("model diffing", job, on_done=done, stages=("loading", "model diffing"))
 
+    @guarded
+    def action_contrast(self) -> None:
+        """Compute the difference-of-means direction of the shown run's sites (same positions and reference)."""
+        run = self.run
+        if run is None:
+            return
+        from auditui.engine.sites import Site
+        from auditui.workflows.contrast import ContrastRequest
+
+        params, store, session_id = run["params"], self.store, self.session_id
+        request = ContrastRequest(sites=tuple(Site.parse(s) for s in params["sites"]), positions=params["positions"],
+                                  reference=None if params["reference"] == "session" else params["reference"],
+                                  batch_size=params.get("batch_size", 8))
+
+        def job(ctx):  # type: ignore[no-untyped-def]
+            from auditui.workflows.contrast import contrast
+
+            contrast(store, self.engine(ctx), session_id, request, ctx)
+            return run["id"]
+
+        self.submit("difference of means", job, on_done=self.show_run, stages=("reference mean", "contrast"))
+
+    def latent_row(self) -> dict | None:
+        """The selected row when it is an SAE latent (the Δμ row is not: say how to use it instead)."""
+        row = self.current()
+        if row is not None and row.get("pseudo"):
+            self.notify(f"{PSEUDO} is the difference-of-means direction, not an SAE latent; steer it with: auditui contrast "
+                        f"--session {self.session_id} --export DIR, then auditui steer --pack DIR ({row['site']}/0)",
+                        timeout=10, markup=False)
+            return None
+        return row
+
     def on_data_table_row_highlighted(self) -> None:
         row = self.current()
-        if row is not None:
+        if row is not None and row.get("pseudo"):
+            text = Text(f"{row['site']} difference of means ({PSEUDO}, contrast run {row['contrast_run']})  ", style="bold")
+            nearest = ("" if row["nearest_latent"] is None
+                       else f" · nearest latent {row['nearest_latent']} (cos {row['nearest_cosine']:.2f})")
+            text.append(f"Δ-attr {number(row['delta_attr'])} (rank {row['rank']} in {TAILS[self.tail]}) · ‖v‖ "
+                        f"{row['norm']:.3g}{nearest}\n")
+            text.append("logit lens: " + " ".join(repr(t)[1:-1] for t in row["logit_lens"]))
+            self.show_detail(text)
+        elif row is not None:
             text = Text(f"{row['site']}/{row['latent']}  ", style="bold")
             models = (f" · Δ-act models {number(row['delta_diff'])} (rank {row['diff_rank']})"
                       if "delta_diff" in row else "")
@@ -289,7 +376,7 @@ class AttributionScreen(StepScreen):
     # -- actions on the selected latent --------------------------------------------------------
     @guarded
     def action_check(self) -> None:
-        row = self.current()
+        row = self.latent_row()
         if row is None or self.run is None:
             return
         store, run_id, target = self.store, self.run["id"], (row["site"], row["latent"])
@@ -305,7 +392,7 @@ class AttributionScreen(StepScreen):
 
     @guarded
     def action_view(self) -> None:
-        row = self.current()
+        row = self.latent_row()
         if row is None:
             return
         store, session_id = self.store, self.session_id
@@ -329,7 +416,7 @@ class AttributionScreen(StepScreen):
         self.show_detail(text)
 
     def action_flow(self) -> None:
-        row = self.current()
+        row = self.latent_row()
         if row is None:
             return
         from auditui.tui.screens.flow import FlowScreen
@@ -348,7 +435,7 @@ class AttributionScreen(StepScreen):
 
     @guarded
     def action_steer(self) -> None:
-        row = self.current()
+        row = self.latent_row()
         if row is not None:
             digest = (self.run or {}).get("params", {}).get("saes", {}).get(row["site"], "")
             self.store.add_feature(self.session_id, row["site"], row["latent"], source="attribution",
@@ -356,7 +443,7 @@ class AttributionScreen(StepScreen):
             self.notify(f"{row['site']}/{row['latent']} added to the steering set", timeout=3)
 
     def action_latent(self) -> None:
-        row = self.current()
+        row = self.latent_row()
         if row is not None:
             from auditui.tui.screens.latent import open_latent
 
