@@ -268,7 +268,7 @@ async def test_help_lists_each_key_once_and_toasts_leave_the_status_bar_visible(
         await pilot.pause()
         assert isinstance(app.screen, Help)
         actions = [row[1] for row in cells(app.screen.query_one(DataTable))]
-        assert actions.count("+ pos") == 1 and "Attribution" in actions
+        assert actions.count("Positive") == 1 and "Attribution" in actions
 
 
 async def test_damaged_rows_are_a_visible_warning_when_a_session_opens(tmp_path, tiny_models):

@@ -170,3 +170,25 @@ async def test_the_progress_label_shows_the_stage_count_and_an_eta_at_80_columns
         release.set()
         await wait_idle(app, pilot)
         assert label.startswith("attribution: attribution at 12/resid_post 1/4 · ~") and label.endswith("s left")
+
+
+async def test_help_scrolls_to_its_last_term_at_80x24(tmp_path, tiny_models, tiny_packs, loaded):
+    """F1's body is longer than an 80x24 screen: it has the focus, so the keys scroll it to the last term."""
+    from auditui.tui.screens.attribution import AttributionScreen
+
+    settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"))
+    session_id = labelled_session(Store(settings.db), loaded("llama"), SPEC)
+    app = AuditApp(settings)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        app.push_screen(AttributionScreen(session_id))
+        await pilot.pause()
+        await pilot.press("f1")
+        await pilot.pause()
+        body = app.screen.query_one("#help-body")
+        assert isinstance(app.screen, Help) and app.screen.focused is body and body.max_scroll_y > 0
+        await pilot.press("end")
+        await pilot.pause()
+        terms = app.screen.query_one("#help-terms")
+        assert body.scroll_y == body.max_scroll_y and terms.region.bottom <= body.region.bottom
+        assert terms.region.bottom > body.region.y  # the last term is on screen

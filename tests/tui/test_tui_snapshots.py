@@ -123,6 +123,7 @@ def step_app(audited, tmp_path, open_screen):
 
 def screens():
     from auditui.tui.screens.attribution import AttributionScreen
+    from auditui.tui.screens.features import FeaturesScreen
     from auditui.tui.screens.flow import FlowScreen
     from auditui.tui.screens.heads import HeadsScreen
     from auditui.tui.screens.latent import LatentScreen
@@ -136,10 +137,11 @@ def screens():
             "sweep": lambda s, runs: SweepScreen(s, run_id=runs["sweep"]),
             "heads": lambda s, runs: HeadsScreen(s),
             "runs": lambda s, runs: RunsScreen(s),
-            "latent": lambda s, runs: LatentScreen(s, FEATURE)}
+            "latent": lambda s, runs: LatentScreen(s, FEATURE),
+            "steering set": lambda s, runs: FeaturesScreen(s)}
 
 
-@pytest.mark.parametrize("name", ["attribution", "flow", "steering", "sweep", "heads", "runs", "latent"])
+@pytest.mark.parametrize("name", ["attribution", "flow", "steering", "sweep", "heads", "runs", "latent", "steering set"])
 def test_step_screen(snap_compare, audited, tmp_path, name):
     app, run_before = step_app(audited, tmp_path, screens()[name])
     assert snap_compare(app, run_before=run_before, terminal_size=SIZE)

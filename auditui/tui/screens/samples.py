@@ -38,9 +38,9 @@ class SamplesScreen(AuditScreen):
              ("+ - 0", "positive (shows the behaviour), negative, unlabelled"))
     BINDINGS = [
         Binding("ctrl+s", "sample", "Sample"),
-        Binding("plus,equals_sign", "label('positive')", "+ pos", key_display="+"),
-        Binding("minus", "label('negative')", "- neg", key_display="-"),
-        Binding("0", "label('unlabelled')", "0 none", key_display="0"),
+        Binding("plus,equals_sign", "label('positive')", "Positive", key_display="+"),
+        Binding("minus", "label('negative')", "Negative", key_display="-"),
+        Binding("0", "label('unlabelled')", "Unlabel", key_display="0"),
         Binding("a", "attribution", "Attribution"),
         Binding("f", "flow", "Flow"),
         Binding("h", "heads", "Heads"),
