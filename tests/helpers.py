@@ -175,3 +175,21 @@ def word_family_latent(lm, bank, site) -> tuple[int, set[str]]:
     families = [word_family(tokens) for tokens in logit_lens_tokens(lm, bank.output_decoder(site), k=8)]
     latent = max(range(len(families)), key=lambda i: len(families[i]))
     return latent, families[latent]
+
+
+def tiny_tui(tmp_path, tiny_models, tiny_packs, loaded, spec):
+    """(app, store, session id): the TUI on the tiny llama model and pack, over a labelled session of `spec`."""
+    from auditui.config import load_settings
+    from auditui.store import Store
+    from auditui.tui.app import AuditApp
+
+    settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"))
+    store = Store(settings.db)
+    return AuditApp(settings), store, labelled_session(store, loaded("llama"), spec)
+
+
+async def open_screen(app, pilot, screen) -> None:
+    """Once the model is loaded, push `screen` and let it mount."""
+    await wait_idle(app, pilot)
+    app.push_screen(screen)
+    await pilot.pause()

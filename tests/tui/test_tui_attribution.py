@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpers import SIZE, cells, labelled_session, wait_idle
+from helpers import SIZE, cells, labelled_session, open_screen, tiny_tui, wait_idle
 from textual.widgets import DataTable, Static
 
 from auditui.config import load_settings
@@ -17,14 +17,9 @@ SPEC = [("Is the sky blue?", [("Yes, it is blue.", "positive"), ("No idea at all
 
 
 async def test_attribution_screen(tmp_path, tiny_models, tiny_packs, loaded):
-    settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"))
-    store = Store(settings.db)
-    session_id = labelled_session(store, loaded("llama"), SPEC)
-    app = AuditApp(settings)
+    app, store, session_id = tiny_tui(tmp_path, tiny_models, tiny_packs, loaded, SPEC)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_idle(app, pilot)
-        app.push_screen(AttributionScreen(session_id))
-        await pilot.pause()
+        await open_screen(app, pilot, AttributionScreen(session_id))
         assert app.screen.query_one("#param-sites").value == "1/resid_post"  # middle residual site with an SAE
         app.screen.query_one("#param-sites").value = "2/resid_post 1/mlp_out"
         app.screen.query_one("#param-top").value = "5"
@@ -57,7 +52,7 @@ async def test_attribution_screen(tmp_path, tiny_models, tiny_packs, loaded):
         assert isinstance(app.screen, FlowScreen)
         assert store.runs(session_id, "flow")[-1]["result"]["root"] == f"2/resid_post/{shown[residual][1]}"
     # a new app shows the last run again
-    app = AuditApp(settings, load_engine=False)
+    app = AuditApp(app.settings, load_engine=False)
     async with app.run_test(size=SIZE) as pilot:
         app.push_screen(AttributionScreen(session_id))
         await pilot.pause()
@@ -113,14 +108,9 @@ async def test_attribution_tails_come_from_the_full_delta_vectors(tmp_path, tiny
 async def test_the_difference_of_means_direction_is_a_row_of_the_ranking(tmp_path, tiny_models, tiny_packs, loaded):
     """Issue 18: `d` adds each site's difference-of-means direction as a pseudo-latent row Δμ, at the rank the
     contrast workflow gives it among the site's latents; in the negative tail it ranks from the other end."""
-    settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"))
-    store = Store(settings.db)
-    session_id = labelled_session(store, loaded("llama"), SPEC)
-    app = AuditApp(settings)
+    app, store, session_id = tiny_tui(tmp_path, tiny_models, tiny_packs, loaded, SPEC)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_idle(app, pilot)
-        app.push_screen(AttributionScreen(session_id))
-        await pilot.pause()
+        await open_screen(app, pilot, AttributionScreen(session_id))
         app.screen.query_one("#param-sites").value = "2/resid_post 1/mlp_out"
         app.screen.query_one("#param-top").value = "300"  # every latent: the Δμ row sits among them
         await pilot.press("ctrl+r")

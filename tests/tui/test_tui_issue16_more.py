@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from helpers import SIZE, cells, labelled_session, wait_idle
+from helpers import SIZE, cells, labelled_session, open_screen, tiny_tui, wait_idle
 from textual.widgets import DataTable, Static
 
 from auditui.config import load_settings
@@ -176,13 +176,9 @@ async def test_help_scrolls_to_its_last_term_at_80x24(tmp_path, tiny_models, tin
     """F1's body is longer than an 80x24 screen: it has the focus, so the keys scroll it to the last term."""
     from auditui.tui.screens.attribution import AttributionScreen
 
-    settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"))
-    session_id = labelled_session(Store(settings.db), loaded("llama"), SPEC)
-    app = AuditApp(settings)
+    app, _, session_id = tiny_tui(tmp_path, tiny_models, tiny_packs, loaded, SPEC)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_idle(app, pilot)
-        app.push_screen(AttributionScreen(session_id))
-        await pilot.pause()
+        await open_screen(app, pilot, AttributionScreen(session_id))
         await pilot.press("f1")
         await pilot.pause()
         body = app.screen.query_one("#help-body")

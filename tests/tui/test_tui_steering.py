@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from helpers import SIZE, cells, labelled_session, wait_idle
+from helpers import SIZE, cells, open_screen, tiny_tui, wait_idle
 from textual.widgets import DataTable, Static
 
-from auditui.config import load_settings
-from auditui.store import Store
-from auditui.tui.app import AuditApp
 from auditui.tui.screens.attribution import AttributionScreen
 from auditui.tui.screens.flow import FlowScreen
 from auditui.tui.screens.steering import SteeringScreen
@@ -16,14 +13,9 @@ SPEC = [("Is the sky blue?", [("Yes, it is blue.", "positive"), ("No idea at all
 
 
 async def test_steering_screen_from_attribution_and_flow(tmp_path, tiny_models, tiny_packs, loaded):
-    settings = load_settings(model=str(tiny_models["llama"]), pack=str(tiny_packs["llama"]), db=str(tmp_path / "s.db"))
-    store = Store(settings.db)
-    session_id = labelled_session(store, loaded("llama"), SPEC)
-    app = AuditApp(settings)
+    app, store, session_id = tiny_tui(tmp_path, tiny_models, tiny_packs, loaded, SPEC)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_idle(app, pilot)
-        app.push_screen(AttributionScreen(session_id))
-        await pilot.pause()
+        await open_screen(app, pilot, AttributionScreen(session_id))
         app.screen.query_one("#param-sites").value = "2/resid_post"
         app.screen.query_one("#param-top").value = "5"
         await pilot.press("ctrl+r")
