@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -214,6 +214,7 @@ class TrainState:
     total_tokens: int = 0
     buffers: dict[Site, list[Tensor]] = field(default_factory=dict)
     pace: Pace = field(default_factory=lambda: Pace())
+    samples: deque[tuple[float, int]] = field(default_factory=deque)  # (seconds, tokens) for `recent_rate`
 
     @property
     def tokens(self) -> int:
@@ -228,16 +229,21 @@ class Pace:
     forward: float = 0.0  # per window: the model's forward with every site hooked
     step: float = 0.0  # per token and site: one trainer step
     save: float = 0.0  # per SAE: export, save and reload through sae-lens (measured once)
+    tail: float = 0.0  # re-running every layer on the loss windows, with the loss (probed every PROBE_SECONDS)
 
     @staticmethod
     def mix(old: float, new: float) -> float:
         return new if old == 0 else 0.8 * old + 0.2 * new
 
 
-# Forward equivalents of the evaluation's parts, measured once on SmolLM2 (2 cores): re-running the
-# layers from l on w windows costs (TAIL_FIXED + TAIL_LAYERS (L - l) / L) forwards of w windows (the
-# fixed part is the unembedding and its loss); an SAE encode + decode costs ENCODE_PER_STEP steps.
-TAIL_FIXED, TAIL_LAYERS, ENCODE_PER_STEP = 0.37, 0.94, 0.85
+# Shares of the evaluation's parts, measured once on SmolLM2 (2 cores): re-running the layers from l
+# costs TAIL_FIXED + TAIL_LAYERS (L - l) / L of re-running them all (the fixed part is the unembedding
+# and its loss); an SAE encode + decode costs ENCODE_PER_STEP training steps. The whole re-run itself
+# is probed while training: on a machine shared with other jobs its small matmuls slow down far more
+# than the training's large ones (10x was seen), so no fixed ratio to the training pace holds.
+TAIL_FIXED, TAIL_LAYERS, ENCODE_PER_STEP = 0.28, 0.72, 0.85
+PROBE_SECONDS = 120.0
+RATE_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -258,8 +264,8 @@ def finish_cost(plan: BuildPlan, sites: list[Site], n_layers: int, held_out_wind
     batch = plan.seqs_per_forward
     tokens = batch * (plan.seq_len - 1)
     held = batch * pace.forward + tokens * len(sites) * ENCODE_PER_STEP * pace.step
-    tails = 2 + sum(2 * (TAIL_FIXED + TAIL_LAYERS * (n_layers - s.layer) / n_layers) for s in sites)
-    losses = plan.ce_sequences * pace.forward * (2 + tails)  # + the record and the valid-token pass
+    tails = 2 + sum(2 * (TAIL_FIXED + TAIL_LAYERS * (n_layers - s.layer) / n_layers) for s in sites)  # + record, check
+    losses = tails * (pace.tail or 1.3 * plan.ce_sequences * pace.forward) + plan.ce_sequences * pace.forward
     return FinishCost(len(sites) * pace.save, held, math.ceil(held_out_windows / batch), losses)
 
 
@@ -321,6 +327,15 @@ def load_checkpoint(work: WorkDir, sites: list[Site], device: torch.device) -> T
                       buffers={site: [] for site in sites})
 
 
+def time_tail(lm: LoadedModel, ids: Tensor) -> float:
+    """Seconds to re-run every layer on ids [B, T] (as the spliced-loss evaluation does) with the loss."""
+    replay = LayerReplay(lm)
+    replay.record(ids)
+    began = time.perf_counter()
+    next_token_loss(replay.tail_logits(0, {}), ids, torch.ones(ids.shape, dtype=torch.bool))
+    return time.perf_counter() - began
+
+
 def time_save(trainer: TopKTrainer, site: Site, lm: LoadedModel, folder: Path) -> float:
     """Seconds to export, save and reload one SAE (the build's last steps, per SAE)."""
     from sae_lens import SAE  # imported before the clock starts: the first import takes seconds
@@ -332,6 +347,17 @@ def time_save(trainer: TopKTrainer, site: Site, lm: LoadedModel, folder: Path) -
     return time.perf_counter() - began
 
 
+def recent_rate(state: TrainState) -> float:
+    """Training tokens per second over the last RATE_SECONDS (the whole run before that much has passed):
+    the pace the rest of the run will most likely keep, as the machine's load changes."""
+    samples = state.samples
+    while len(samples) > 2 and samples[-1][0] - samples[1][0] >= RATE_SECONDS:
+        samples.popleft()
+    if len(samples) < 2 or samples[-1][0] - samples[0][0] < RATE_SECONDS / 4:
+        return state.tokens / max(state.seconds, 1e-9)
+    return (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
+
+
 def fit_budget(state: TrainState, plan: BuildPlan, available: int) -> None:
     """Set the token target to what the corpus holds and to what fits the wall-clock training
     budget at the speed measured so far; the trainers' schedules follow (`TopKTrainer.retarget`: in
@@ -339,7 +365,7 @@ def fit_budget(state: TrainState, plan: BuildPlan, available: int) -> None:
     rather than taking longer; a machine that speeds up again trains more."""
     total = min(plan.train_tokens, available)
     if state.budget_seconds > 0:
-        total = min(total, int(state.tokens / state.seconds * state.budget_seconds))
+        total = min(total, state.tokens + int(recent_rate(state) * max(0.0, state.budget_seconds - state.seconds)))
     state.total_tokens = max(plan.batch_tokens, total)
     for trainer in state.trainers.values():
         trainer.retarget(state.total_tokens)
@@ -360,7 +386,8 @@ def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCor
     state.total_tokens = state.total_tokens or plan.train_tokens
     windows = corpus.train
     pace = state.pace
-    last_save = time.perf_counter()
+    last_save = probed = time.perf_counter()
+    probed -= PROBE_SECONDS  # the first probe comes with the first forward
     while state.tokens < state.total_tokens and state.next_window < len(windows):
         began, began_cpu = time.perf_counter(), time.process_time()
         first, stop = state.next_window, state.next_window + plan.seqs_per_forward
@@ -379,11 +406,15 @@ def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCor
         if state.trainers and not pace.save:
             site, trainer = next(iter(state.trainers.items()))
             pace.save = time_save(trainer, site, lm, work.path / "save-probe")
+        if deadline and time.perf_counter() - probed > PROBE_SECONDS:
+            pace.tail = pace.mix(pace.tail, time_tail(lm, corpus.held_out[:plan.ce_sequences]))
+            probed = time.perf_counter()
         if time.perf_counter() - last_save > checkpoint_seconds:
             save_checkpoint(work, state, plan.seq_len)
             last_save = time.perf_counter()
         state.seconds += time.perf_counter() - began
         state.cpu_seconds += (time.process_time() - began_cpu) / torch.get_num_threads()
+        state.samples.append((state.seconds, state.tokens))
         if deadline and not resumed:
             finish = finish_cost(plan, sites, lm.n_layers, len(corpus.held_out), pace).total
             state.budget_seconds = state.seconds + max(0.0, deadline - time.perf_counter() - finish)
@@ -544,7 +575,16 @@ def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, p
     if abs(replayed - clean) > 1e-3 * max(1.0, abs(clean)):
         raise AuditError(f"re-running the layers of {lm.model_id} does not reproduce its loss "
                          f"({replayed:.4f} vs {clean:.4f}); this family needs full forwards")
+    began = time.perf_counter()
     for i, site in enumerate(sites):
+        per_site = (time.perf_counter() - began) / max(i, 1)
+        if deadline and i and time.perf_counter() + per_site > deadline:  # late: the rest keep no loss numbers
+            for rest in sites[i:]:
+                quality[rest].update({"loss_clean": round(clean, 4), "loss_spliced": None, "loss_ablated": None,
+                                      "ce_recovered": float("nan")})
+            progress.progress(0, 0, f"no spliced-in loss for the last {len(sites) - i} of {len(sites)} SAEs: "
+                                    "the budget's deadline came")
+            break
         spliced = next_token_loss(replay.tail_logits(site.layer, {site: _splice(saes[site], mask)}), ids, mask)
         ablated = next_token_loss(replay.tail_logits(site.layer, {site: _replace_with(stats[site].mean.float(), mask)}),
                                   ids, mask)
@@ -625,10 +665,13 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
     finishing = time.perf_counter()
     predicted = finish_cost(plan, sites, lm.n_layers, len(corpus.held_out), state.pace)
     saved = save_saes(work, state, lm)
+    loaded = load_saved(saved, lm.device)
     say("save", len(saved), len(saved))
+    saved_at = time.perf_counter()
     train_seconds = state.seconds
-    quality = evaluate_saes(lm, load_saved(saved, lm.device), corpus.held_out, plan, progress, deadline,
-                            predicted.losses, corpus.held_out_lengths)
+    quality = evaluate_saes(lm, loaded, corpus.held_out, plan, progress, deadline, predicted.losses,
+                            corpus.held_out_lengths)
+    evaluated_at = time.perf_counter()
     trained = state.tokens
     for site, trainer in state.trainers.items():
         quality[site].update({"k": trainer.cfg.k, "train_tokens": trainer.tokens,
@@ -649,6 +692,10 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
                           "build_budget_seconds": round(60 * plan.build_minutes, 1) if deadline else 0.0,
                           "finish_seconds": round(time.perf_counter() - finishing, 1),
                           "finish_predicted_seconds": round(predicted.total, 1),
+                          "save_seconds": round(saved_at - finishing, 1), "save_predicted_seconds": round(predicted.save, 1),
+                          "evaluate_seconds": round(evaluated_at - saved_at, 1),
+                          "evaluate_predicted_seconds": round(predicted.total - predicted.save, 1),
+                          "ce_skipped_sites": sum(q.get("loss_spliced", 0) is None for q in quality.values()),
                           "build_cpu_seconds_per_thread": round((time.process_time() - started_cpu)
                                                                 / torch.get_num_threads(), 1),
                           "device": str(lm.device), "model_dtype": str(lm.dtype).removeprefix("torch."),

@@ -291,13 +291,13 @@ def test_time_budget_lowers_the_token_target(tiny_models, tmp_path):
     assert any("undertrained" in str(e[0]) for e in events)
 
 
-MANY = (Source("many", "python", weight=1.0, loader=lambda: [TEXT[i % 300:] + TEXT * 2 for i in range(3000)]),)
+MANY = (Source("many", "python", weight=1.0, loader=lambda: [TEXT[i % 300:] + TEXT * 2 for i in range(400)]),)
 
 
 def test_a_budgeted_build_ends_on_time_on_a_loaded_machine(tiny_models, tmp_path):
     """The whole build (model load, corpus, training, saving, evaluation) ends within 5% of its budget
     with two other processes spinning on the machine's cores for the whole build."""
-    plan = tiny_plan("ontime", model=str(tiny_models["llama"]), layers=(0, 1), train_tokens=10**7, d_sae=1024, k=8,
+    plan = tiny_plan("ontime", model=str(tiny_models["llama"]), layers=(0, 1, 2), train_tokens=10**7, d_sae=1024, k=8,
                      build_minutes=0.5, held_out_tokens=2048)
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
