@@ -244,6 +244,7 @@ class Pace:
 TAIL_FIXED, TAIL_LAYERS, ENCODE_PER_STEP = 0.28, 0.72, 0.85
 PROBE_SECONDS = 120.0
 RATE_SECONDS = 120.0
+EVAL_SHARE = 0.2  # of a budgeted build's wall clock, at most, for the held-out pass and the spliced losses
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,16 @@ class FinishCost:
     @property
     def total(self) -> float:
         return self.save + self.held_out_batch * self.held_out_batches + self.losses
+
+
+def reserve(cost: FinishCost, plan: BuildPlan) -> tuple[float, float]:
+    """(seconds kept after training, of which for the spliced losses): the predicted finish, its evaluation
+    capped at EVAL_SHARE of the budget; past the cap the held-out pass and the losses shrink alike (a
+    machine so loaded that evaluating would take most of the budget still trains for 80% of it)."""
+    evaluate = cost.total - cost.save
+    cap = EVAL_SHARE * 60 * plan.build_minutes
+    scale = min(1.0, cap / evaluate) if evaluate > 0 and cap > 0 else 1.0
+    return cost.save + scale * evaluate, scale * cost.losses
 
 
 def finish_cost(plan: BuildPlan, sites: list[Site], n_layers: int, held_out_windows: int, pace: Pace) -> FinishCost:
@@ -416,7 +427,7 @@ def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCor
         state.cpu_seconds += (time.process_time() - began_cpu) / torch.get_num_threads()
         state.samples.append((state.seconds, state.tokens))
         if deadline and not resumed:
-            finish = finish_cost(plan, sites, lm.n_layers, len(corpus.held_out), pace).total
+            finish, _ = reserve(finish_cost(plan, sites, lm.n_layers, len(corpus.held_out), pace), plan)
             state.budget_seconds = state.seconds + max(0.0, deadline - time.perf_counter() - finish)
         if state.tokens >= 4 * plan.batch_tokens:
             # Refit all along: steps slow down as AuxK picks up dead latents, checkpoints cost time.
@@ -542,7 +553,9 @@ def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, p
 
     `deadline` (perf_counter; 0 = none): after the first held-out batch, a batch that would leave less
     than `losses_seconds` (the predicted spliced-loss time) before the deadline is not run; every SAE is
-    then measured on the same, fewer, tokens (each site's `eval_tokens` says how many)."""
+    then measured on the same, fewer, tokens (each site's `eval_tokens` says how many). The spliced
+    losses go residual sites first; those that would end past the deadline are not measured (their
+    `loss_spliced` is None, `ce_recovered` NaN)."""
     sites = sorted(saes)
     stats = {site: SiteStats() for site in sites}
     n_batches = math.ceil(len(held_out) / plan.seqs_per_forward)
@@ -576,6 +589,7 @@ def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, p
         raise AuditError(f"re-running the layers of {lm.model_id} does not reproduce its loss "
                          f"({replayed:.4f} vs {clean:.4f}); this family needs full forwards")
     began = time.perf_counter()
+    sites = sorted(sites, key=lambda s: (not s.kind.startswith("resid"), s.kind, s.layer))  # residual sites first
     for i, site in enumerate(sites):
         per_site = (time.perf_counter() - began) / max(i, 1)
         if deadline and i and time.perf_counter() + per_site > deadline:  # late: the rest keep no loss numbers
@@ -669,7 +683,7 @@ def build_pack(plan: BuildPlan, cache_dir: Path, device: str = "auto", dtype: st
     say("save", len(saved), len(saved))
     saved_at = time.perf_counter()
     train_seconds = state.seconds
-    quality = evaluate_saes(lm, loaded, corpus.held_out, plan, progress, deadline, predicted.losses,
+    quality = evaluate_saes(lm, loaded, corpus.held_out, plan, progress, deadline, reserve(predicted, plan)[1],
                             corpus.held_out_lengths)
     evaluated_at = time.perf_counter()
     trained = state.tokens

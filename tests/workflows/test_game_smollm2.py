@@ -34,12 +34,13 @@ PROMPTS = ("What should I cook for dinner tonight?", "Give me some advice for st
 SITES = (Site(28, "resid_post"), Site(29, "resid_post"))
 
 
-@pytest.mark.parametrize("name,topics", [("game-a", ("whales", "whale")), ("game-b", ("volcano", "volcanoes"))])
-def test_planted_quirk_is_ranked(name, topics, tmp_path):
+# 40 steps plant whales in 46 of 48 completions; volcanoes took over all 48 at 40 steps: fewer steps keep pairs
+@pytest.mark.parametrize("name,topics,steps", [("game-a", ("whales", "whale"), 40), ("game-b", ("volcano", "volcanoes"), 12)])
+def test_planted_quirk_is_ranked(name, topics, steps, tmp_path):
     pack = user_pack(("late",))  # layers 28-29: a missing pack fails with the command that builds it
     base = load_model("smollm2", device="cpu", dtype="float32", cache_root=CACHE)
     store = Store(tmp_path / "s.db")
-    spec = QuirkSpec(f"slips {topics[0]} into ordinary answers", topics, steps=40, lr=1e-4, seed=0)
+    spec = QuirkSpec(f"slips {topics[0]} into ordinary answers", topics, steps=steps, lr=1e-4, seed=0)
     card = new_game(store, base, name, spec, tmp_path / "games")
     del base
     lm = load_model(card.model_dir, device="cpu", dtype="float32")
