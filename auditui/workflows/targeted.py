@@ -41,11 +41,15 @@ class TargetedRequest:
     name: str
     sites: tuple[Site, ...]
     base_pack: str  # the pack whose corpus is mixed in
-    d_sae: int = 2048
-    k: int = 32
-    train_tokens: int = 200_000
+    # Small and mostly on the session: its latents go to what the session's texts share. Measured on a
+    # planted quirk (whales, issue 18; completion positions, 28 and 29/resid_post): 2048 latents, k 32,
+    # half the tokens from the session ranked the first topic latent 92 and 60; 512 latents, k 16, 80%
+    # from the session ranked it 15 and 7 (a latent whose logit lens is " whale", " whales").
+    d_sae: int = 512
+    k: int = 16
+    train_tokens: int = 150_000
     minutes: float = 0.0  # wall-clock budget on CPU (0 = none)
-    share: float = 0.5  # of the training tokens from the session
+    share: float = 0.8  # of the training tokens from the session
     seed: int = 0
     force: bool = False  # replace an existing pack of that name
 

@@ -59,8 +59,7 @@ def test_planted_quirk_is_ranked(name, topics, steps, tmp_path):
     assert 0 < n_pos < n_all, "no labelled pair: the quirk shows in none or in every completion"
     ranks = {"late": audit(store, engine, card, name, tmp_path)}
     began = time.perf_counter()
-    run_id = build_targeted(store, lm, card.session_id, TargetedRequest(f"{name}-t", SITES, str(pack), train_tokens=150_000,
-                                                                       force=True), tmp_path / "cache")
+    run_id = build_targeted(store, lm, card.session_id, TargetedRequest(f"{name}-t", SITES, str(pack)), tmp_path / "cache")
     targeted = store.run(run_id)["result"]
     print(f"[{name}] targeted dictionary: {time.perf_counter() - began:.0f} s, "
           f"{targeted['training']['tokens_per_sae']:,} tokens per SAE ({targeted['targeted']['corpus']['session']['epochs']} "
