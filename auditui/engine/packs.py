@@ -59,7 +59,7 @@ class BuildPlan:
     d_sae: int = 2048
     k: int = 32
     lr: float = 6e-3
-    train_tokens: int = 600_000  # upper bound; the time budget may use fewer
+    train_tokens: int = 600_000  # CUDA: the token budget (~one pass over the ~640k-token corpus); CPU: a cap
     build_minutes: float = 28.5  # wall-clock budget of a whole CPU build (0 = none); tokens shrink to fit
     held_out_tokens: int = 12_288
     ce_sequences: int = 2  # held-out windows for the spliced-in loss (2 tail runs per SAE: 3/4 of the eval)
