@@ -37,6 +37,7 @@ from torch import Tensor
 
 from auditui.engine.corpus import DEFAULT_SOURCES, Source, TokenCorpus, load_source, token_sequences
 from auditui.engine.model import LoadedModel, load_model
+from auditui.engine.pack_budget import PROBE_SECONDS, Pace, finish_cost, recent_rate, reserve
 from auditui.engine.sae_training import TopKTrainer, TrainConfig, norm_scale
 from auditui.engine.saes import MANIFEST, PackInfo, check_pack_name, packs_root, read_pack, write_pack_manifest
 from auditui.engine.sites import Edit, Positions, Site, SiteHooks, _first_tensor
@@ -221,65 +222,6 @@ class TrainState:
         return next(iter(self.trainers.values())).tokens if self.trainers else 0
 
 
-@dataclass
-class Pace:
-    """Seconds per unit of the build's work, measured as it trains, so they follow the machine's load
-    (moving averages; 0 = not measured yet)."""
-
-    forward: float = 0.0  # per window: the model's forward with every site hooked
-    step: float = 0.0  # per token and site: one trainer step
-    save: float = 0.0  # per SAE: export, save and reload through sae-lens (measured once)
-    tail: float = 0.0  # re-running every layer on the loss windows, with the loss (probed every PROBE_SECONDS)
-
-    @staticmethod
-    def mix(old: float, new: float) -> float:
-        return new if old == 0 else 0.8 * old + 0.2 * new
-
-
-# Shares of the evaluation's parts, measured once on SmolLM2 (2 cores): re-running the layers from l
-# costs TAIL_FIXED + TAIL_LAYERS (L - l) / L of re-running them all (the fixed part is the unembedding
-# and its loss); an SAE encode + decode costs ENCODE_PER_STEP training steps. The whole re-run itself
-# is probed while training: on a machine shared with other jobs its small matmuls slow down far more
-# than the training's large ones (10x was seen), so no fixed ratio to the training pace holds.
-TAIL_FIXED, TAIL_LAYERS, ENCODE_PER_STEP = 0.28, 0.72, 0.85
-PROBE_SECONDS = 120.0
-RATE_SECONDS = 120.0
-EVAL_SHARE = 0.2  # of a budgeted build's wall clock, at most, for the held-out pass and the spliced losses
-
-
-@dataclass(frozen=True)
-class FinishCost:
-    """Predicted seconds of what follows training: saving, the held-out pass (per batch), the spliced losses."""
-
-    save: float
-    held_out_batch: float
-    held_out_batches: int
-    losses: float
-
-    @property
-    def total(self) -> float:
-        return self.save + self.held_out_batch * self.held_out_batches + self.losses
-
-
-def reserve(cost: FinishCost, plan: BuildPlan) -> tuple[float, float]:
-    """(seconds kept after training, of which for the spliced losses): the predicted finish, its evaluation
-    capped at EVAL_SHARE of the budget; past the cap the held-out pass and the losses shrink alike (a
-    machine so loaded that evaluating would take most of the budget still trains for 80% of it)."""
-    evaluate = cost.total - cost.save
-    cap = EVAL_SHARE * 60 * plan.build_minutes
-    scale = min(1.0, cap / evaluate) if evaluate > 0 and cap > 0 else 1.0
-    return cost.save + scale * evaluate, scale * cost.losses
-
-
-def finish_cost(plan: BuildPlan, sites: list[Site], n_layers: int, held_out_windows: int, pace: Pace) -> FinishCost:
-    batch = plan.seqs_per_forward
-    tokens = batch * (plan.seq_len - 1)
-    held = batch * pace.forward + tokens * len(sites) * ENCODE_PER_STEP * pace.step
-    tails = 2 + sum(2 * (TAIL_FIXED + TAIL_LAYERS * (n_layers - s.layer) / n_layers) for s in sites)  # + record, check
-    losses = tails * (pace.tail or 1.3 * plan.ce_sequences * pace.forward) + plan.ce_sequences * pace.forward
-    return FinishCost(len(sites) * pace.save, held, math.ceil(held_out_windows / batch), losses)
-
-
 def _site_acts(lm: LoadedModel, sites: list[Site], ids: Tensor) -> dict[Site, Tensor]:
     body = lm.model.get_submodule(lm.adapter.body)
     with torch.inference_mode(), SiteHooks(lm.model, reads=sites) as hooks:
@@ -358,17 +300,6 @@ def time_save(trainer: TopKTrainer, site: Site, lm: LoadedModel, folder: Path) -
     return time.perf_counter() - began
 
 
-def recent_rate(state: TrainState) -> float:
-    """Training tokens per second over the last RATE_SECONDS (the whole run before that much has passed):
-    the pace the rest of the run will most likely keep, as the machine's load changes."""
-    samples = state.samples
-    while len(samples) > 2 and samples[-1][0] - samples[1][0] >= RATE_SECONDS:
-        samples.popleft()
-    if len(samples) < 2 or samples[-1][0] - samples[0][0] < RATE_SECONDS / 4:
-        return state.tokens / max(state.seconds, 1e-9)
-    return (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
-
-
 def fit_budget(state: TrainState, plan: BuildPlan, available: int) -> None:
     """Set the token target to what the corpus holds and to what fits the wall-clock training
     budget at the speed measured so far; the trainers' schedules follow (`TopKTrainer.retarget`: in
@@ -376,7 +307,8 @@ def fit_budget(state: TrainState, plan: BuildPlan, available: int) -> None:
     rather than taking longer; a machine that speeds up again trains more."""
     total = min(plan.train_tokens, available)
     if state.budget_seconds > 0:
-        total = min(total, state.tokens + int(recent_rate(state) * max(0.0, state.budget_seconds - state.seconds)))
+        rate = recent_rate(state.samples, state.tokens, state.seconds)
+        total = min(total, state.tokens + int(rate * max(0.0, state.budget_seconds - state.seconds)))
     state.total_tokens = max(plan.batch_tokens, total)
     for trainer in state.trainers.values():
         trainer.retarget(state.total_tokens)
