@@ -109,8 +109,13 @@ class AuditApp(App):
         try:
             if is_built(cache, name):
                 return
+        except AuditError:  # not a pack name: nothing to build
+            return
+        try:
             log = None if is_building(cache, name) else start_build(self.settings, name, self.pack_build_args)
-        except AuditError:
+        except OSError as exc:
+            self.call_from_thread(self.notify, f"cannot start building pack {name}: {exc}", title="SAEs",
+                                  severity="error", timeout=15, markup=False)
             return
         self.call_from_thread(self._watch_pack_build, log)
 
