@@ -104,14 +104,14 @@ class BuildStatus:
         return None
 
     def line(self, now: float | None = None) -> str:
-        """One short line for a status bar: "SAEs: building demo, train 43%, ready in ~17 min"."""
+        """One short line for a status bar, what matters first: "SAEs in ~17 min (building demo: train 43%)"."""
         now = time.time() if now is None else now
         if self.state == "failed":
             return f"SAEs: building {self.name} failed ({self.message[:60]})"
         share = f" {100 * self.done / self.total:.0f}%" if self.total else ""
         eta = self.eta(now)
-        ready = "" if eta is None else f", ready in ~{max(1, round(eta / 60))} min"
-        return f"SAEs: building {self.name}, {self.stage}{share}{ready}"
+        ready = "SAEs:" if eta is None else f"SAEs in ~{max(1, round(eta / 60))} min"
+        return f"{ready} (building {self.name}: {self.stage}{share})"
 
 
 class StatusFile:

@@ -46,7 +46,7 @@ class AuditApp(App):
         self.load_engine = load_engine
         self.build_pack = build_pack
         self.pack_build_args: tuple[str, ...] = ()
-        self.pack_build_line = ""  # "SAEs: building demo, train 43%, ready in ~17 min" while a build runs
+        self.pack_build_line = ""  # "SAEs in ~17 min (building demo: train 43%)" while a build runs
         self.store: Store | None = None
         self.store_error = ""
         self.engine_status = "engine: loading" if load_engine else "engine: off"
@@ -120,7 +120,7 @@ class AuditApp(App):
         self.call_from_thread(self._watch_pack_build, log)
 
     def _watch_pack_build(self, log: Any) -> None:
-        self.pack_build_line = f"SAEs: building {self.settings.pack}, starting"
+        self.pack_build_line = f"SAEs: (building {self.settings.pack}: starting)"
         if log is not None:
             self.notify(f"Building the SAE pack {self.settings.pack} in the background; sampling and labelling work "
                         f"meanwhile, and the status bar says when it is ready. Log: {log}", title="SAEs", timeout=15,

@@ -47,7 +47,7 @@ async def test_a_missing_pack_builds_in_the_background_while_sampling_works(tmp_
     async with app.run_test(size=SIZE) as pilot:
         await wait_idle(app, pilot)
         app.push_screen(SamplesScreen(session_id))
-        while "building fresh, train" not in status_bar(app):
+        while "(building fresh: train" not in status_bar(app):
             await pilot.pause(0.2)
             assert time.monotonic() - began < 60, app.pack_build_line
         seen.append(status_bar(app))
@@ -60,14 +60,14 @@ async def test_a_missing_pack_builds_in_the_background_while_sampling_works(tmp_
         assert len(app.store.completions(session_id)) == 2 and app.pack is None
         app.push_screen(AttributionScreen(session_id))  # an SAE screen says when its SAEs will be ready
         await pilot.pause(0.5)
-        assert any("ready in" in n.message and "needs them" in n.message for n in app._notifications)
+        assert any("SAEs in ~1 min" in n.message and "needs them" in n.message for n in app._notifications)
         while app.pack is None:
             await pilot.pause(0.2)
             assert time.monotonic() - began < 120, app.pack_build_line
         await wait_idle(app, pilot)
         seen.append(status_bar(app))
     seconds = time.monotonic() - began
-    assert "SAEs: building fresh, train" in seen[0] and "ready in ~1 min" in seen[0]
+    assert seen[0].startswith("SAEs in ~1 min (building fresh: train ") and seen[0].endswith(" · tiny-llama")
     assert "6 SAEs (fresh)" in app.engine_status  # layers 1-2: resid_post, attn_out, mlp_out and not app.pack_build_line
     assert read_status(cache, "fresh").state == "done" and not is_building(cache, "fresh")
     manifest = json.loads((cache / "packs" / "fresh" / "pack.json").read_text())
@@ -101,7 +101,7 @@ def test_one_build_per_pack_and_a_dead_build_reads_as_failed(tmp_path, tiny_mode
 
 def test_status_line_and_eta():
     running = BuildStatus("demo", 1, stage="train", done=43, total=100, started=1000.0, deadline=2000.0)
-    assert running.line(now=1000.0) == "SAEs: building demo, train 43%, ready in ~17 min"
+    assert running.line(now=1000.0) == "SAEs in ~17 min (building demo: train 43%)"
     assert running.eta(2500.0) == 0.0
     unbudgeted = BuildStatus("demo", 1, stage="train", done=25, total=100, started=1000.0)  # a GPU build: from its pace
     assert unbudgeted.eta(1100.0) == 300.0 and BuildStatus("demo", 1).eta(5.0) is None

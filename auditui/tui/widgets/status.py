@@ -31,6 +31,8 @@ class StatusBar(Horizontal):
         job = getattr(app, "job_status", None)
         self.job_text = job[0] if job else ""
         bars.first().display = job is not None
+        for static in self.query("#job-state"):
+            static.display = job is not None
         engines.first().display = job is None  # the job's stage and count need the room
         if job is not None:
             bars.first().update(total=job[2] or None, progress=job[1])
