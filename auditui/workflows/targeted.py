@@ -44,7 +44,8 @@ class TargetedRequest:
     # Small and mostly on the session: its latents go to what the session's texts share. Measured on a
     # planted quirk (whales, issue 18; completion positions, 28 and 29/resid_post): 2048 latents, k 32,
     # half the tokens from the session ranked the first topic latent 92 and 60; 512 latents, k 16, 80%
-    # from the session ranked it 15 and 7 (a latent whose logit lens is " whale", " whales").
+    # from the session ranked it 15 and 7 (a latent whose logit lens is " whale", " whales"); on a
+    # volcanoes quirk, whose topic the general pack had no latent for, 1 at 29/resid_post.
     d_sae: int = 512
     k: int = 16
     train_tokens: int = 150_000
