@@ -96,7 +96,10 @@ class BuildStatus:
     message: str = ""
 
     def eta(self, now: float) -> float | None:
-        """Seconds until the pack is ready: the deadline's, else the training pace's (None before it is known)."""
+        """Seconds until the pack is ready: the deadline's, else the training pace's (None before it is known
+        and once the build has ended)."""
+        if self.state != "running":
+            return None
         if self.deadline:
             return max(0.0, self.deadline - now)
         if self.stage == "train" and self.done > 0 and self.total > self.done:
@@ -108,6 +111,8 @@ class BuildStatus:
         now = time.time() if now is None else now
         if self.state == "failed":
             return f"SAEs: building {self.name} failed ({self.message[:60]})"
+        if self.state == "done":
+            return f"SAEs: pack {self.name} is built"
         share = f" {100 * self.done / self.total:.0f}%" if self.total else ""
         eta = self.eta(now)
         ready = "SAEs:" if eta is None else f"SAEs in ~{max(1, round(eta / 60))} min"

@@ -107,3 +107,5 @@ def test_status_line_and_eta():
     assert unbudgeted.eta(1100.0) == 300.0 and BuildStatus("demo", 1).eta(5.0) is None
     assert BuildStatus("demo", 1, state="failed", message="out of memory").line() == \
         "SAEs: building demo failed (out of memory)"
+    done = BuildStatus("demo", 1, state="done", stage="evaluate", done=37, total=100, deadline=2000.0)
+    assert done.line(now=1000.0) == "SAEs: pack demo is built" and done.eta(1000.0) is None
