@@ -27,6 +27,7 @@ class Pace:
     step: float = 0.0  # per token and site: one trainer step
     save: float = 0.0  # per SAE: export, save and reload through sae-lens (measured once)
     tail: float = 0.0  # re-running every layer on the loss windows, with the loss (probed every PROBE_SECONDS)
+    encode: float = 0.0  # per token and SAE: an evaluation's encode + decode (probed with the re-run)
 
     @staticmethod
     def mix(old: float, new: float) -> float:
@@ -35,9 +36,10 @@ class Pace:
 
 # Shares of the evaluation's parts, measured once on SmolLM2 (2 cores): re-running the layers from l
 # costs TAIL_FIXED + TAIL_LAYERS (L - l) / L of re-running them all (the fixed part is the unembedding
-# and its loss); an SAE encode + decode costs ENCODE_PER_STEP training steps. The whole re-run itself
-# is probed while training: on a machine shared with other jobs its small matmuls slow down far more
-# than the training's large ones (10x was seen), so no fixed ratio to the training pace holds.
+# and its loss); an SAE encode + decode costs ENCODE_PER_STEP training steps until it is probed. The
+# whole re-run and the encode are probed while training: on a machine shared with other jobs the
+# re-run's small matmuls slow down far more than the training's large ones (10x was seen), and the
+# encode's share of a step depends on the widths, so no fixed ratio to the training pace holds.
 TAIL_FIXED, TAIL_LAYERS, ENCODE_PER_STEP = 0.28, 0.72, 0.85
 PROBE_SECONDS = 120.0
 RATE_SECONDS = 120.0
@@ -71,7 +73,7 @@ def reserve(cost: FinishCost, plan: BuildPlan) -> tuple[float, float]:
 def finish_cost(plan: BuildPlan, sites: list[Site], n_layers: int, held_out_windows: int, pace: Pace) -> FinishCost:
     batch = plan.seqs_per_forward
     tokens = batch * (plan.seq_len - 1)
-    held = batch * pace.forward + tokens * len(sites) * ENCODE_PER_STEP * pace.step
+    held = batch * pace.forward + tokens * len(sites) * (pace.encode or ENCODE_PER_STEP * pace.step)
     tails = 2 + sum(2 * (TAIL_FIXED + TAIL_LAYERS * (n_layers - s.layer) / n_layers) for s in sites)  # + record, check
     losses = tails * (pace.tail or 1.3 * plan.ce_sequences * pace.forward) + plan.ce_sequences * pace.forward
     return FinishCost(len(sites) * pace.save, held, math.ceil(held_out_windows / batch), losses)

@@ -38,7 +38,7 @@ from torch import Tensor
 from auditui.engine.corpus import DEFAULT_SOURCES, Source, TokenCorpus, load_source, token_sequences
 from auditui.engine.model import LoadedModel, load_model
 from auditui.engine.pack_budget import PROBE_SECONDS, Pace, finish_cost, recent_rate, reserve
-from auditui.engine.sae_training import TopKTrainer, TrainConfig, norm_scale
+from auditui.engine.sae_training import TopKTrainer, TrainConfig, norm_scale, top_latents
 from auditui.engine.saes import MANIFEST, PackInfo, check_pack_name, packs_root, read_pack, write_pack_manifest
 from auditui.engine.sites import Edit, Positions, Site, SiteHooks, _first_tensor
 from auditui.errors import AuditError
@@ -280,13 +280,37 @@ def load_checkpoint(work: WorkDir, sites: list[Site], device: torch.device) -> T
                       buffers={site: [] for site in sites})
 
 
-def time_tail(lm: LoadedModel, ids: Tensor) -> float:
-    """Seconds to re-run every layer on ids [B, T] (as the spliced-loss evaluation does) with the loss."""
+def time_tail(lm: LoadedModel, ids: Tensor, repeats: int = 2) -> float:
+    """Seconds to re-run every layer on ids [B, T] (as the spliced-loss evaluation does) with the loss: the
+    fastest of `repeats` runs (the first run of all is a cold start, and a moment of load is not the pace;
+    a prediction that comes out low costs skipped losses, one that comes out high costs training time)."""
     replay = LayerReplay(lm)
     replay.record(ids)
-    began = time.perf_counter()
-    next_token_loss(replay.tail_logits(0, {}), ids, torch.ones(ids.shape, dtype=torch.bool))
-    return time.perf_counter() - began
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        next_token_loss(replay.tail_logits(0, {}), ids, torch.ones(ids.shape, dtype=torch.bool))
+        times.append(time.perf_counter() - began)
+    return min(times)
+
+
+@torch.no_grad()
+def time_encode(trainers: dict[Site, TopKTrainer], acts: dict[Site, Tensor], mask: Tensor, repeats: int = 2) -> float:
+    """Seconds per token and SAE to encode, decode and sum up as the evaluation does with the exported
+    SAEs (sae-lens: a dense top-k code, a dense decode), timed on this batch's activations: the fastest
+    of `repeats` passes (see `time_tail`)."""
+    times = []
+    for _ in range(repeats):
+        began, tokens = time.perf_counter(), 0
+        for site, trainer in trainers.items():
+            x = acts[site][mask].float()  # [n, d_in]
+            pre = torch.addmm(trainer.b_enc, x / trainer.scale - trainer.b_dec, trainer.W_encT.T)  # [n, d_sae]
+            idx, vals = top_latents(pre, trainer.cfg.k)
+            recon = torch.zeros_like(pre).scatter_(1, idx, vals) @ trainer.W_dec * trainer.scale  # [n, d_in]
+            float((recon.double() - x.double()).pow(2).sum())
+            tokens += x.shape[0]
+        times.append((time.perf_counter() - began) / max(tokens, 1))
+    return min(times)
 
 
 def time_save(trainer: TopKTrainer, site: Site, lm: LoadedModel, folder: Path) -> float:
@@ -330,7 +354,8 @@ def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCor
     windows = corpus.train
     pace = state.pace
     last_save = probed = time.perf_counter()
-    probed -= PROBE_SECONDS  # the first probe comes with the first forward
+    every = min(PROBE_SECONDS, 6 * plan.build_minutes)  # at least 10 probes in a run
+    probed -= every  # the first probe comes with the first trainers
     while state.tokens < state.total_tokens and state.next_window < len(windows):
         began, began_cpu = time.perf_counter(), time.process_time()
         first, stop = state.next_window, state.next_window + plan.seqs_per_forward
@@ -349,8 +374,9 @@ def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCor
         if state.trainers and not pace.save:
             site, trainer = next(iter(state.trainers.items()))
             pace.save = time_save(trainer, site, lm, work.path / "save-probe")
-        if deadline and time.perf_counter() - probed > PROBE_SECONDS:
+        if deadline and state.trainers and time.perf_counter() - probed > every:
             pace.tail = pace.mix(pace.tail, time_tail(lm, corpus.held_out[:plan.ce_sequences]))
+            pace.encode = pace.mix(pace.encode, time_encode(state.trainers, acts, mask))
             probed = time.perf_counter()
         if time.perf_counter() - last_save > checkpoint_seconds:
             save_checkpoint(work, state, plan.seq_len)
@@ -477,6 +503,15 @@ def _replace_with(value: Tensor, mask: Tensor) -> Edit:
     return edit
 
 
+def _without_losses(quality: dict[Site, dict], late: list[Site], clean: float | None, progress: Progress) -> dict:
+    """`quality` with no spliced-in loss for the `late` sites (the budget's deadline came first)."""
+    for site in late:
+        quality[site].update({"loss_clean": None if clean is None else round(clean, 4), "loss_spliced": None,
+                              "loss_ablated": None, "ce_recovered": float("nan")})
+    progress.progress(0, 0, f"no spliced-in loss for {len(late)} of {len(quality)} SAEs: the budget's deadline came")
+    return quality
+
+
 def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, plan: BuildPlan,
                   progress: Progress, deadline: float = 0.0, losses_seconds: float = 0.0,
                   lengths: Tensor | None = None) -> dict[Site, dict]:
@@ -508,6 +543,8 @@ def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, p
                 stats[site].add(x, z, saes[site].decode(z))
         progress.progress(b + 1, n_batches + len(sites), "evaluate")
     quality = {site: stats[site].summary() for site in sites}
+    if deadline and time.perf_counter() >= deadline:
+        return _without_losses(quality, sites, None, progress)
     ids = held_out[:plan.ce_sequences]
     replay = LayerReplay(lm)
     clean_logits = replay.record(ids)
@@ -524,13 +561,8 @@ def evaluate_saes(lm: LoadedModel, saes: dict[Site, object], held_out: Tensor, p
     sites = sorted(sites, key=lambda s: (not s.kind.startswith("resid"), s.kind, s.layer))  # residual sites first
     for i, site in enumerate(sites):
         per_site = (time.perf_counter() - began) / max(i, 1)
-        if deadline and i and time.perf_counter() + per_site > deadline:  # late: the rest keep no loss numbers
-            for rest in sites[i:]:
-                quality[rest].update({"loss_clean": round(clean, 4), "loss_spliced": None, "loss_ablated": None,
-                                      "ce_recovered": float("nan")})
-            progress.progress(0, 0, f"no spliced-in loss for the last {len(sites) - i} of {len(sites)} SAEs: "
-                                    "the budget's deadline came")
-            break
+        if deadline and time.perf_counter() + per_site > deadline:  # late: the rest keep no loss numbers
+            return _without_losses(quality, sites[i:], clean, progress)
         spliced = next_token_loss(replay.tail_logits(site.layer, {site: _splice(saes[site], mask)}), ids, mask)
         ablated = next_token_loss(replay.tail_logits(site.layer, {site: _replace_with(stats[site].mean.float(), mask)}),
                                   ids, mask)
