@@ -29,7 +29,7 @@ from auditui.cli.common import (
     emit,
     engine_for,
     open_store,
-    print_summary,
+    print_run,
     settings_from,
 )
 
@@ -39,11 +39,6 @@ PositionsOpt = Annotated[str, typer.Option(
     "--positions", help="token positions averaged: prompt (seed 003) | completion | all")]
 ReferenceOpt = Annotated[Path | None, typer.Option(
     "--reference", help="text file for the reference mean ā (default: the session's own texts)")]
-
-
-def _print_run(data: dict) -> None:
-    summary = data["summary"] or {}
-    print_summary(summary, f"run {data['run_id']} ({data['status']}): {summary.get('headline', '')}")
 
 
 @app.command()
@@ -78,4 +73,4 @@ def attribute(site: SiteOpt = None,
                             top_k=top, batch_size=batch), Printer(), attribution_run=run_id)
         run = attribution_with_diff(store, run_id)
     emit({"run_id": run_id, "session_id": sid, "status": run["status"], "params": run["params"],
-          "summary": run["summary"], "result": run["result"]}, as_json, _print_run)
+          "summary": run["summary"], "result": run["result"]}, as_json, print_run)

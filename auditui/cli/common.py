@@ -83,6 +83,12 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
         human(data)
 
 
+def print_run(data: dict) -> None:
+    """A stored run as the commands print it: "run ID (status): headline", then its summary."""
+    summary = data["summary"] or {}
+    print_summary(summary, f"run {data['run_id']} ({data['status']}): {summary.get('headline', '')}")
+
+
 def print_summary(summary: dict, headline: str | None = None) -> None:
     """A run summary (headline, table, notes) on the terminal; model text is never markup."""
     console = Console(highlight=False)

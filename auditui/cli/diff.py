@@ -32,14 +32,9 @@ from auditui.cli.common import (
     emit,
     engine_for,
     open_store,
-    print_summary,
+    print_run,
     settings_from,
 )
-
-
-def _print_run(data: dict) -> None:
-    summary = data["summary"] or {}
-    print_summary(summary, f"run {data['run_id']} ({data['status']}): {summary.get('headline', '')}")
 
 
 @app.command()
@@ -70,4 +65,4 @@ def diff(site: Annotated[list[str] | None, typer.Option(
         reference = load_reference(settings, spec, engine.lm, Printer())
         run = store.run(diff_activation(store, engine, reference, sid, request, Printer()))
     emit({"run_id": run["id"], "session_id": sid, "status": run["status"], "params": run["params"],
-          "provenance": run["provenance"], "summary": run["summary"], "result": run["result"]}, as_json, _print_run)
+          "provenance": run["provenance"], "summary": run["summary"], "result": run["result"]}, as_json, print_run)

@@ -35,7 +35,7 @@ from auditui.cli.common import (
     emit,
     engine_for,
     open_store,
-    print_summary,
+    print_run,
     settings_from,
 )
 from auditui.errors import AuditError
@@ -153,4 +153,4 @@ def contrast(sites: Annotated[list[str], typer.Option("--sites", "--site", help=
         data = store.run(run_id)
     out = {"run_id": run_id, "session_id": sid, "status": data["status"], "params": data["params"],
            "summary": data["summary"], "result": data["result"], "exported": exported}
-    emit(out, as_json, lambda d: print_summary(d["summary"], f"run {d['run_id']} ({d['status']}): {d['summary']['headline']}"))
+    emit(out, as_json, print_run)

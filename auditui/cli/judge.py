@@ -37,7 +37,7 @@ from auditui.cli.common import (
     emit,
     engine_for,
     open_store,
-    print_summary,
+    print_run,
     settings_from,
 )
 from auditui.cli.plans import (
@@ -90,8 +90,7 @@ def _judge(settings, url: str | None, model: str | None, concurrency: int):  # t
 
 
 def _show(data: dict, as_json: bool) -> None:
-    emit(data, as_json, lambda d: print_summary(d["summary"], f"run {d['run_id']} ({d['status']}): "
-                                                              f"{d['summary']['headline']}"))
+    emit(data, as_json, print_run)
 
 
 def _check_plot(path: Path | None, db: str | None) -> None:

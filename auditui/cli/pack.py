@@ -23,6 +23,7 @@ from auditui.cli.common import (
     SessionOpt,
     emit,
     open_store,
+    print_run,
     print_summary,
     settings_from,
 )
@@ -200,5 +201,4 @@ def targeted(name: Annotated[str, typer.Argument(help="name of the new pack (a f
             run_id = build_targeted(store, lm, sid, request, settings.cache_path, bars)
         data = store.run(run_id)
     emit({"run_id": run_id, "session_id": sid, "status": data["status"], "params": data["params"],
-          "summary": data["summary"], "result": data["result"]}, as_json,
-         lambda d: print_summary(d["summary"], f"run {d['run_id']} ({d['status']}): {d['summary']['headline']}"))
+          "summary": data["summary"], "result": data["result"]}, as_json, print_run)

@@ -35,7 +35,7 @@ from auditui.cli.common import (
     emit,
     engine_for,
     open_store,
-    print_summary,
+    print_run,
     settings_from,
 )
 from auditui.cli.plans import (
@@ -100,5 +100,4 @@ def steer(prompt: PromptOpt, plan_file: PlanFileOpt = None, from_flow: FromFlowO
         run = store.run(steer_workflow(store, engine, session_id, request, Printer()))
     emit({"run_id": run["id"], "session_id": session_id, "status": run["status"], "on": on,
           "model_id": engine.lm.model_id, "params": run["params"], "summary": run["summary"], "result": run["result"]},
-         as_json,
-         lambda d: print_summary(d["summary"], f"run {d['run_id']} ({d['status']}): {d['summary']['headline']}"))
+         as_json, print_run)
