@@ -371,7 +371,7 @@ def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCor
         if state.tokens > tokens_before:
             pace.step = pace.mix(pace.step, (time.perf_counter() - stepped_at) / (state.tokens - tokens_before)
                                  / len(sites))
-        if state.trainers and not pace.save:
+        if deadline and state.trainers and not pace.save:  # the probes only serve the budget
             site, trainer = next(iter(state.trainers.items()))
             pace.save = time_save(trainer, site, lm, work.path / "save-probe")
         if deadline and state.trainers and time.perf_counter() - probed > every:
