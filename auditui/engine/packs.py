@@ -280,18 +280,23 @@ def load_checkpoint(work: WorkDir, sites: list[Site], device: torch.device) -> T
                       buffers={site: [] for site in sites})
 
 
-def time_tail(lm: LoadedModel, ids: Tensor, repeats: int = 2) -> float:
-    """Seconds to re-run every layer on ids [B, T] (as the spliced-loss evaluation does) with the loss: the
-    fastest of `repeats` runs (the first run of all is a cold start, and a moment of load is not the pace;
-    a prediction that comes out low costs skipped losses, one that comes out high costs training time)."""
+def time_tail(lm: LoadedModel, ids: Tensor, repeats: int = 2) -> tuple[float, float]:
+    """Seconds to re-run the layers on ids [B, T] (as the spliced-loss evaluation does) with the loss, from
+    the first layer and from the last: the fastest of `repeats` runs each (the first run of all is a cold
+    start, and a moment of load is not the pace; a prediction that comes out low costs skipped losses,
+    one that comes out high costs training time)."""
     replay = LayerReplay(lm)
     replay.record(ids)
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        next_token_loss(replay.tail_logits(0, {}), ids, torch.ones(ids.shape, dtype=torch.bool))
-        times.append(time.perf_counter() - began)
-    return min(times)
+    mask = torch.ones(ids.shape, dtype=torch.bool)
+
+    def fastest(start: int) -> float:
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            next_token_loss(replay.tail_logits(start, {}), ids, mask)
+            times.append(time.perf_counter() - began)
+        return min(times)
+    return fastest(0), fastest(lm.n_layers - 1)
 
 
 @torch.no_grad()
@@ -326,16 +331,24 @@ def time_save(trainer: TopKTrainer, site: Site, lm: LoadedModel, folder: Path) -
 
 def fit_budget(state: TrainState, plan: BuildPlan, available: int) -> None:
     """Set the token target to what the corpus holds and to what fits the wall-clock training
-    budget at the speed measured so far; the trainers' schedules follow (`TopKTrainer.retarget`: in
-    the decay phase the rate only goes down). A machine shared with other jobs trains fewer tokens
-    rather than taking longer; a machine that speeds up again trains more."""
+    budget at the speed measured so far, in whole trainer steps (a step that would run mostly past the
+    budget is not started: on a loaded machine one step can outlast the budget's tolerance). The
+    trainers' schedules follow (`TopKTrainer.retarget`: in the decay phase the rate only goes down). A
+    machine shared with other jobs trains fewer tokens rather than taking longer; a machine that speeds
+    up again trains more."""
     total = min(plan.train_tokens, available)
     if state.budget_seconds > 0:
         rate = recent_rate(state.samples, state.tokens, state.seconds)
-        total = min(total, state.tokens + int(rate * max(0.0, state.budget_seconds - state.seconds)))
+        owed = rate * max(0.0, state.budget_seconds - state.seconds)  # tokens that fit the budget
+        total = min(total, state.tokens + plan.batch_tokens * round(owed / plan.batch_tokens))
     state.total_tokens = max(plan.batch_tokens, total)
     for trainer in state.trainers.values():
         trainer.retarget(state.total_tokens)
+
+
+def _ending(state: TrainState, pace: Pace) -> bool:
+    """Whether training has less than two probes' time left (a probe then costs more than it tells)."""
+    return 0 < state.budget_seconds < state.seconds + 2 * pace.probing
 
 
 def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCorpus, sites: list[Site],
@@ -374,10 +387,14 @@ def train_saes(work: WorkDir, plan: BuildPlan, lm: LoadedModel, corpus: TokenCor
         if deadline and state.trainers and not pace.save:  # the probes only serve the budget
             site, trainer = next(iter(state.trainers.items()))
             pace.save = time_save(trainer, site, lm, work.path / "save-probe")
-        if deadline and state.trainers and time.perf_counter() - probed > every:
-            pace.tail = pace.mix(pace.tail, time_tail(lm, corpus.held_out[:plan.ce_sequences]))
-            pace.encode = pace.mix(pace.encode, time_encode(state.trainers, acts, mask))
+        if deadline and state.trainers and time.perf_counter() - probed > every and not _ending(state, pace):
+            probing = time.perf_counter()
+            whole, last = time_tail(lm, corpus.held_out[:plan.ce_sequences])
+            pace.probed("tail", whole)
+            pace.probed("tail_last", last)
+            pace.probed("encode", time_encode(state.trainers, acts, mask))
             probed = time.perf_counter()
+            pace.probing = probed - probing
         if time.perf_counter() - last_save > checkpoint_seconds:
             save_checkpoint(work, state, plan.seq_len)
             last_save = time.perf_counter()

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from auditui.cli import app
 from auditui.engine.corpus import Source, archive_members, clean_wikitext, load_source, token_sequences, wiki_documents
+from auditui.engine.pack_budget import Pace, tail_seconds
 from auditui.engine.packs import TrainState, build_pack, fit_budget, list_packs, partial_dir, valid_tokens
 from auditui.engine.sae_training import TopKTrainer, TrainConfig
 from auditui.engine.saes import SAEBank, weights_digest
@@ -314,26 +315,56 @@ def test_a_budgeted_build_ends_on_time_on_a_loaded_machine(tiny_models, tmp_path
     assert 0 < training["finish_predicted_seconds"] and training["tokens_per_sae"] < 10**7
 
 
+def test_a_preempted_probe_does_not_move_the_pace_but_a_lasting_load_does():
+    pace = Pace()
+    for seconds in (0.007, 0.0074, 0.0067, 0.41, 0.0081):  # the 4th probe ran while a spinner held the cores
+        pace.probed("tail", seconds)
+    assert pace.tail == pytest.approx(0.0074)
+    for seconds in (0.07, 0.072, 0.069):  # the machine stays 10x slower
+        pace.probed("tail", seconds)
+    assert pace.tail == pytest.approx(0.07) and pace.encode == 0.0
+
+
+def test_the_re_run_from_layer_l_is_predicted_from_the_probes_from_the_first_and_the_last_layer():
+    fixed, per_layer = tail_seconds(Pace(tail=0.10, tail_last=0.04), tiny_plan(), n_layers=4)
+    assert [fixed + per_layer * (4 - layer) for layer in (0, 3)] == pytest.approx([0.10, 0.04])
+    assert per_layer == pytest.approx(0.02)
+    fixed, per_layer = tail_seconds(Pace(tail=0.05, tail_last=0.06), tiny_plan(), n_layers=4)  # noise: no negative
+    assert (fixed, per_layer) == (0.05, 0.0)
+
+
 def test_refitting_in_the_decay_phase_never_raises_the_learning_rate():
     trainer = TopKTrainer(8, TrainConfig(d_sae=16, k=2, lr=0.3, total_tokens=1000), torch.device("cpu"), 1.0,
                           torch.zeros(8))
     trainer.tokens = 800  # past 1 - decay_fraction = 70% of the target: lr 0.3 * 0.2 / 0.3 = 0.2
     assert trainer.lr_at(800) == pytest.approx(0.2)
     state = TrainState({Site(0, "resid_post"): trainer}, seconds=1.0, budget_seconds=10.0, total_tokens=1000)
-    fit_budget(state, tiny_plan(train_tokens=10**6), available=10**6)  # 800 tok/s x 10 s = 8000
+    steps_of_100 = tiny_plan(train_tokens=10**6, batch_tokens=100)
+    fit_budget(state, steps_of_100, available=10**6)  # 800 tok/s x 10 s = 8000
     assert state.total_tokens == trainer.total_tokens == 8000  # the machine sped up: more tokens...
     assert [trainer.lr_at(t) for t in (800, 4400, 8000)] == pytest.approx([0.2, 0.1, 0.0])  # ...the same rate, down to 0
     trainer.tokens = 4400
     state.seconds = 20.0  # past the 10 s budget: the run ends now
-    fit_budget(state, tiny_plan(train_tokens=10**6), available=10**6)
+    fit_budget(state, steps_of_100, available=10**6)
     assert state.total_tokens == trainer.total_tokens == 4400 and trainer.lr_at(4400) == 0.0
     fresh = TopKTrainer(8, TrainConfig(d_sae=16, k=2, lr=0.3, total_tokens=1000), torch.device("cpu"), 1.0,
                         torch.zeros(8))
     fresh.tokens = 100  # before the decay: the schedule stretches
     state = TrainState({Site(0, "resid_post"): fresh}, seconds=0.05, budget_seconds=10.0, total_tokens=1000)
-    fit_budget(state, tiny_plan(train_tokens=10**6), available=10**6)
+    fit_budget(state, steps_of_100, available=10**6)
     assert state.total_tokens == fresh.total_tokens == 20_000 and fresh.decay_anchor is None  # 2000 tok/s x 10 s
     assert fresh.lr_at(100) == pytest.approx(0.3 * (100 / 20_000 / 0.05 + 1e-2))  # still warming up
+
+
+@pytest.mark.parametrize(("left_seconds", "steps"), [(0.2, 0), (0.3, 1), (1.2, 2)])
+def test_the_token_target_is_whole_steps_rounded_to_the_nearest(left_seconds, steps):
+    """1000 tok/s with steps of 512 tokens: 200 tokens of budget left start no step (it would run
+    mostly past the budget), 300 start one, 1200 two."""
+    trainer = TopKTrainer(8, TrainConfig(d_sae=16, k=2, total_tokens=10**6), torch.device("cpu"), 1.0, torch.zeros(8))
+    trainer.tokens = 2048
+    state = TrainState({Site(0, "resid_post"): trainer}, seconds=2.048, budget_seconds=2.048 + left_seconds)
+    fit_budget(state, tiny_plan(train_tokens=10**6), available=10**6)
+    assert state.total_tokens == 2048 + 512 * steps
 
 
 # -- CLI ---------------------------------------------------------------------------------------
