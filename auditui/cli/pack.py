@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from auditui.cli import app
 from auditui.cli.common import (
@@ -160,10 +161,10 @@ def list_(as_json: JsonOpt = False) -> None:
             Console().print(f"no packs under {settings.cache_path / 'packs'}; run: auditui pack build demo",
                             markup=False)
             return
-        table = Table("name", "status", "SAEs", "MiB", "path", box=None)
+        table = Table("name", "status", "kind", "SAEs", "MiB", "path", box=None)
         for row in items:
-            table.add_row(row["name"], row["status"] + (" (resumable)" if row.get("resumable") else ""),
-                          str(row.get("saes", "-")), f"{row['bytes'] / 2**20:.0f}", row["path"])
+            table.add_row(Text(row["name"]), row["status"] + (" (resumable)" if row.get("resumable") else ""),
+                          row.get("kind", "-"), str(row.get("saes", "-")), f"{row['bytes'] / 2**20:.0f}", Text(row["path"]))
         Console().print(table)
     emit(rows, as_json, human)
 

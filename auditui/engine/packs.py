@@ -770,6 +770,7 @@ def list_packs(cache_dir: Path) -> list[dict]:
             status = "complete" if is_complete(path) else "incomplete"
             manifest = json.loads((path / MANIFEST).read_text())
             rows.append({"name": path.name, "path": str(path), "status": status,
+                         "kind": "targeted" if "targeted" in manifest else "general",
                          "model_id": manifest.get("model_id", ""), "saes": len(manifest.get("saes", {})),
                          "bytes": pack_size(path)})
     return rows

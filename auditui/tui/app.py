@@ -33,6 +33,7 @@ class AuditApp(App):
     BINDINGS = [
         Binding("f1", "help", "Help"),
         Binding("f2", "pack_quality", "SAE pack quality", show=False),
+        Binding("f3", "switch_pack", "Load another SAE pack", show=False),
         Binding("escape", "cancel_job", "Cancel job / back", show=False),
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("ctrl+q", "quit", "Quit", show=False),
@@ -54,6 +55,7 @@ class AuditApp(App):
         self.job_status: tuple[str, float, float] | None = None
         self.jobs = EngineQueue(self.post_message)
         self.pack: Any = None  # the loaded SAE pack's PackInfo (manifest), once the engine is up
+        self.building = ""  # the pack a background build makes (the settings' pack when the app started)
         self._clocks: tuple = (None, {})  # (job, {stage: (when it started, done then)}): the ETA's clock per stage
 
     # -- start-up ------------------------------------------------------------------------------
@@ -120,9 +122,10 @@ class AuditApp(App):
         self.call_from_thread(self._watch_pack_build, log)
 
     def _watch_pack_build(self, log: Any) -> None:
-        self.pack_build_line = f"SAEs: (building {self.settings.pack}: starting)"
+        self.building = self.settings.pack
+        self.pack_build_line = f"SAEs: (building {self.building}: starting)"
         if log is not None:
-            self.notify(f"Building the SAE pack {self.settings.pack} in the background; sampling and labelling work "
+            self.notify(f"Building the SAE pack {self.building} in the background; sampling and labelling work "
                         f"meanwhile, and the status bar says when it is ready. Log: {log}", title="SAEs", timeout=15,
                         markup=False)
         self._pack_timer = self.set_interval(2.0, self._poll_pack_build)
@@ -131,12 +134,15 @@ class AuditApp(App):
     def _poll_pack_build(self) -> None:
         from auditui.pack_build import is_built, read_status
 
-        cache, name = self.settings.cache_path, self.settings.pack
+        cache, name = self.settings.cache_path, self.building
         status = read_status(cache, name)
         if is_built(cache, name):
             self._pack_timer.stop()
             self.pack_build_line = ""
-            self.submit("load SAEs", self._load_pack, on_done=self._pack_loaded, cancellable=False)
+            if self.pack is None:  # no other pack was loaded meanwhile (F3)
+                self.load_pack(name)
+            else:
+                self.notify(f"The SAE pack {name} is built; F3 loads it", title="SAEs", timeout=10, markup=False)
         elif status is not None and status.state == "failed":
             self._pack_timer.stop()
             self.pack_build_line = status.line()
@@ -146,20 +152,40 @@ class AuditApp(App):
             self.pack_build_line = status.line()
         self._sync_status()
 
-    def _load_pack(self, ctx: JobContext) -> tuple[str, list[str], Any]:
-        """On the engine thread: the built pack's SAEs into the loaded engine."""
-        from auditui.engine.saes import SAEBank
+    def load_pack(self, name: str) -> None:
+        """Load the built pack `name` in place of the engine's SAEs (an engine job); it becomes the
+        settings' pack of this app, so what is sampled from then on records it."""
+        def load(ctx: JobContext) -> tuple[str, list[str], Any]:  # on the engine thread
+            from auditui.engine.saes import SAEBank
 
-        engine = ctx.state["engine"]
-        lm = engine.lm
-        engine.bank = SAEBank.from_specs([self.settings.pack], self.settings.cache_path, device=lm.device,
-                                         model=lm.model).attach(lm)
-        return engine_line(engine), list(engine.bank.warnings), engine.bank.pack
+            engine = ctx.state["engine"]
+            lm = engine.lm
+            engine.bank = SAEBank.from_specs([name], self.settings.cache_path, device=lm.device,
+                                             model=lm.model).attach(lm)
+            return engine_line(engine), list(engine.bank.warnings), engine.bank.pack
 
-    def _pack_loaded(self, result: tuple[str, list[str], Any]) -> None:
-        self._engine_loaded(result)
-        self.notify(f"The SAE pack {self.settings.pack} is built and loaded: {result[0]}", title="SAEs", timeout=10,
-                    markup=False)
+        def loaded(result: tuple[str, list[str], Any]) -> None:
+            self.settings = self.settings.with_overrides(pack=name)
+            self._engine_loaded(result)
+            self.notify(f"The SAE pack {name} is loaded: {result[0]}", title="SAEs", timeout=10, markup=False)
+        self.submit("load SAEs", load, on_done=loaded, cancellable=False)
+
+    def action_switch_pack(self) -> None:
+        """F3: pick a built pack (a targeted dictionary, another general pack) and load it."""
+        from auditui.engine.packs import list_packs
+        from auditui.tui.screens.pack import PackPicker
+
+        packs = [row for row in guard_call(self, list_packs)(self.settings.cache_path) or []
+                 if row["status"] == "complete"]
+        if not packs:
+            self.notify(f"no built pack under {self.settings.cache_path / 'packs'}", severity="error", markup=False)
+            return
+        loaded = self.pack.name if self.pack is not None else ""
+
+        def picked(name: str | None) -> None:
+            if name and name != loaded:
+                self.load_pack(name)
+        self.push_screen(PackPicker(packs, loaded), picked)
 
     def status_text(self) -> str:
         """The status bar's engine part: the model, and the pack build while one runs."""
@@ -272,6 +298,8 @@ class AuditApp(App):
         yield SystemCommand("Keys", "Show the keys of this screen (F1)", self.action_help)
         yield SystemCommand("SAE pack quality", "Variance explained, L0, dead latents, spliced-in loss (F2)",
                             self.action_pack_quality)
+        yield SystemCommand("Load another SAE pack", "A targeted dictionary or another pack, by name (F3)",
+                            self.action_switch_pack)
         for keys, binding in own_keys(screen):  # every key of the screen by name, whatever has focus
             if binding.description:
                 yield SystemCommand(binding.description, f"key {keys}", partial(screen.run_action, binding.action))

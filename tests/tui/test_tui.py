@@ -335,6 +335,37 @@ async def test_f2_shows_the_loaded_packs_quality(tmp_path, tiny_models):
         assert not isinstance(app.screen, PackQuality)
 
 
+async def test_f3_loads_another_pack_in_place_of_the_loaded_one(tmp_path, tiny_models):
+    """A targeted dictionary beside the general pack: F3 lists the built packs and loads the one picked;
+    the engine's SAEs, the status bar and the pack recorded from then on are the new pack's."""
+    from helpers import TINY_SOURCES, tiny_plan
+
+    from auditui.engine.packs import build_pack
+    from auditui.tui.screens.pack import PackPicker
+    from auditui.workflows.engine import pack_label
+
+    cache = tmp_path / "cache"
+    for name, layer in (("general", 1), ("narrow", 0)):
+        build_pack(tiny_plan(name, model=str(tiny_models["llama"]), layers=(layer,)), cache, "cpu", "float32",
+                   sources=TINY_SOURCES)
+    app = AuditApp(load_settings(model=str(tiny_models["llama"]), pack="general", db=str(tmp_path / "s.db"),
+                                 cache_dir=str(cache)))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        assert {site.layer for site in app.jobs.state["engine"].bank.sites} == {1}
+        await pilot.press("f3")
+        await pilot.pause()
+        assert isinstance(app.screen, PackPicker)
+        rows = cells(app.screen.query_one("#pack-picker", DataTable))
+        assert [(row[0], row[1], row[4]) for row in rows] == [("general", "general", "loaded"), ("narrow", "general", "")]
+        await pilot.press("down", "enter")
+        await wait_idle(app, pilot)
+        assert not isinstance(app.screen, PackPicker)
+        assert {site.layer for site in app.jobs.state["engine"].bank.sites} == {0}
+        assert app.pack.name == "narrow" and "(narrow)" in app.engine_status
+        assert app.settings.pack == "narrow" and pack_label(app.settings) == "narrow"
+
+
 async def test_f2_without_a_pack_is_a_message(tmp_path, tiny_models):
     app = AuditApp(settings_for(tmp_path, tiny_models["llama"]))
     async with app.run_test(size=SIZE) as pilot:

@@ -1,4 +1,5 @@
-"""The loaded SAE pack's quality per SAE (variance explained, L0, dead latents, spliced-in loss)."""
+"""SAE packs: the loaded one's quality per SAE (variance explained, L0, dead latents, spliced-in loss),
+and a picker to load another (a targeted dictionary beside the general pack)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Label
+from textual.widgets import DataTable, Label
 
 from auditui.tui.widgets.summary import summary_table
 
@@ -27,3 +28,26 @@ class PackQuality(ModalScreen[None]):
             yield summary_table(self.summary, cursor_type="row", id="pack-table")
             for note in self.summary["notes"]:
                 yield Label(Text(note))
+
+
+class PackPicker(ModalScreen[str | None]):
+    """The built packs (rows of `auditui.engine.packs.list_packs`); Enter loads one, Esc cancels."""
+
+    BINDINGS = [Binding("escape,q", "dismiss(None)", "Cancel")]
+
+    def __init__(self, packs: list[dict], loaded: str):
+        super().__init__()
+        self.packs, self.loaded = packs, loaded
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog pack"):
+            yield Label(Text("Load which SAE pack? (Enter: load, Esc: cancel)", style="bold"))
+            table: DataTable = DataTable(cursor_type="row", id="pack-picker")
+            table.add_columns("pack", "kind", "SAEs", "model", "")
+            for row in self.packs:
+                table.add_row(Text(row["name"]), row["kind"], str(row["saes"]), Text(row["model_id"]),
+                              "loaded" if row["name"] == self.loaded else "", key=row["name"])
+            yield table
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.dismiss(event.row_key.value)
