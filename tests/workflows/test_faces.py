@@ -8,9 +8,9 @@ leaves a usable model.
 
 from __future__ import annotations
 
-import time
+import threading
 
-from helpers import SIZE, firing_feature, wait_idle
+from helpers import SIZE, firing_feature, press_when, wait_idle
 from typer.testing import CliRunner
 
 from auditui.cli import app as cli
@@ -102,17 +102,18 @@ async def test_escape_during_model_load_keeps_the_model(tmp_path, tiny_models, m
     import auditui.workflows.engine as engine_workflow
 
     real = engine_workflow.load_model
+    loading, escaped = threading.Event(), threading.Event()
 
-    def slow_load(*args, **kwargs):  # the real load, after long enough for Esc to arrive first
-        time.sleep(1.0)
+    def slow_load(*args, **kwargs):  # the real load, once Esc has arrived while it runs
+        loading.set()
+        escaped.wait(60)
         return real(*args, **kwargs)
     monkeypatch.setattr(engine_workflow, "load_model", slow_load)
     app = AuditApp(load_settings(model=str(tiny_models["gpt2"]), pack="", db=str(tmp_path / "s.db")))
     async with app.run_test(size=SIZE) as pilot:
-        while app.job_status is None:
-            await pilot.pause(0.05)
+        await press_when(pilot, loading, "escape")
         assert app.job_status[0].startswith("load model")
-        await pilot.press("escape")
+        escaped.set()
         await wait_idle(app, pilot)
         assert "3 layers" in app.engine_status and not app.engine_error
         await pilot.press("n", *"after esc", "enter")
