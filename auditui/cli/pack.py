@@ -69,6 +69,7 @@ class StageBars:
 def build(name: NameArg = DEFAULT_PACK, model: ModelOpt = None, device: DeviceOpt = None, dtype: DtypeOpt = None,
           quick: bool = typer.Option(False, "--quick", help="a small build of a block of layers (tests, trials)"),
           layers: str | None = typer.Option(None, "--layers", help="contiguous block A-B (default: all; --quick: 12-13)"),
+          kinds: str | None = typer.Option(None, "--kinds", help="SAEs of each layer: resid_post,attn_out,mlp_out (default all)"),
           tokens: int | None = typer.Option(None, "--tokens", help="training tokens per SAE (upper bound)"),
           minutes: float | None = typer.Option(None, "--minutes", help="wall-clock budget of a CPU build (0 = no limit)"),
           width: int | None = typer.Option(None, "--width", help="latents per SAE (d_sae)"),
@@ -77,17 +78,17 @@ def build(name: NameArg = DEFAULT_PACK, model: ModelOpt = None, device: DeviceOp
           corpus: Path | None = typer.Option(None, "--corpus", help="train on the text files under DIR instead"),
           force: bool = typer.Option(False, "--force", help="rebuild even if the pack is complete"),
           as_json: JsonOpt = False) -> None:
-    """Build (or resume) a pack: TopK SAEs on every resid/attn/mlp site, trained in one model pass."""
+    """Build (or resume) a pack: TopK SAEs on every resid/attn/mlp site (or --kinds), trained in one model pass."""
     started = time.perf_counter()  # the budget counts from here: loading the model is part of it
     from auditui.engine.corpus import DEFAULT_SOURCES, folder_sources
-    from auditui.engine.packs import BuildPlan, build_pack, parse_layers, quick_plan
+    from auditui.engine.packs import BuildPlan, build_pack, parse_kinds, parse_layers, quick_plan
     from auditui.engine.saes import check_pack_name
 
     check_pack_name(name)
     settings = settings_from(model=model, device=device, dtype=dtype)
     plan = quick_plan(name, settings.model) if quick else BuildPlan(name=name, model=settings.model)
-    overrides = {"layers": parse_layers(layers) if layers else None, "train_tokens": tokens,
-                 "build_minutes": minutes, "d_sae": width, "k": k, "batch_tokens": batch}
+    overrides = {"layers": parse_layers(layers) if layers else None, "kinds": parse_kinds(kinds) if kinds else None,
+                 "train_tokens": tokens, "build_minutes": minutes, "d_sae": width, "k": k, "batch_tokens": batch}
     plan = replace(plan, **{key: value for key, value in overrides.items() if value is not None})
     if plan.batch_tokens < 1 or plan.train_tokens < plan.batch_tokens or not 1 <= plan.k <= plan.d_sae:
         raise AuditError("need 1 <= --batch <= --tokens and 1 <= --k <= --width")

@@ -57,6 +57,7 @@ class BuildPlan:
     model: str = "smollm2"
     layers: tuple[int, ...] = ()  # contiguous block; () = every layer
     sites: tuple[str, ...] = ()  # explicit sites instead of the layers' (a targeted dictionary)
+    kinds: tuple[str, ...] = LAYER_KINDS  # the SAEs of each layer (resid_post brings layer 0's resid_pre)
     d_sae: int = 2048
     k: int = 32
     lr: float = 6e-3
@@ -72,7 +73,10 @@ class BuildPlan:
     seed: int = 0
 
     def key(self, sources: tuple[Source, ...]) -> str:
-        text = json.dumps([asdict(self), [(s.name, s.origin, s.weight) for s in sources]], sort_keys=True)
+        fields = asdict(self)
+        if self.kinds == LAYER_KINDS:  # the key of a build from before kinds existed
+            del fields["kinds"]
+        text = json.dumps([fields, [(s.name, s.origin, s.weight) for s in sources]], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -94,10 +98,18 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return tuple(range(first, last + 1))
 
 
-def pack_sites(layers: tuple[int, ...]) -> list[Site]:
-    """resid_pre of layer 0 (when included), then resid_post, attn_out and mlp_out of each layer."""
-    head = [Site(0, "resid_pre")] if 0 in layers else []
-    return head + [Site(layer, kind) for layer in layers for kind in LAYER_KINDS]
+def parse_kinds(text: str) -> tuple[str, ...]:
+    """`resid_post,mlp_out` -> those layer kinds, in LAYER_KINDS order."""
+    kinds = {part.strip() for part in text.split(",") if part.strip()}
+    if not kinds or kinds - set(LAYER_KINDS):
+        raise AuditError(f"cannot read kinds {text!r}; choose among {','.join(LAYER_KINDS)}")
+    return tuple(kind for kind in LAYER_KINDS if kind in kinds)
+
+
+def pack_sites(layers: tuple[int, ...], kinds: tuple[str, ...] = LAYER_KINDS) -> list[Site]:
+    """resid_pre of layer 0 (when included with resid_post), then the `kinds` of each layer."""
+    head = [Site(0, "resid_pre")] if 0 in layers and "resid_post" in kinds else []
+    return head + [Site(layer, kind) for layer in layers for kind in kinds]
 
 
 def plan_sites(plan: BuildPlan, n_layers: int) -> list[Site]:
@@ -110,7 +122,7 @@ def plan_sites(plan: BuildPlan, n_layers: int) -> list[Site]:
     layers = plan.layers or tuple(range(n_layers))
     if layers[-1] >= n_layers:
         raise AuditError(f"layers {layers[0]}-{layers[-1]} are outside the model's 0-{n_layers - 1}")
-    return pack_sites(layers)
+    return pack_sites(layers, plan.kinds)
 
 
 def sae_dirname(site: Site) -> str:

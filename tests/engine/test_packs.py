@@ -13,6 +13,7 @@ import sys
 import tarfile
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from typer.testing import CliRunner
 from auditui.cli import app
 from auditui.engine.corpus import Source, archive_members, clean_wikitext, load_source, token_sequences, wiki_documents
 from auditui.engine.pack_budget import Pace, tail_seconds
-from auditui.engine.packs import TrainState, build_pack, fit_budget, list_packs, partial_dir, valid_tokens
+from auditui.engine.packs import BuildPlan, TrainState, build_pack, fit_budget, list_packs, parse_kinds, partial_dir, valid_tokens
 from auditui.engine.sae_training import TopKTrainer, TrainConfig
 from auditui.engine.saes import SAEBank, weights_digest
 from auditui.engine.sites import Site, SiteHooks
@@ -280,6 +281,19 @@ def test_a_changed_plan_restarts_the_work_folder(tiny_models, tmp_path):
                                                          Site(2, "resid_post")]
 
 
+def test_a_residual_only_pack_trains_resid_sites_and_has_its_own_plan_key(tiny_models, tmp_path):
+    plan = tiny_plan("resid", model=str(tiny_models["llama"]), layers=(0, 1), train_tokens=1024,
+                     kinds=parse_kinds("resid_post"))
+    path = build_pack(plan, tmp_path, "cpu", "float32", sources=TINY_SOURCES)
+    assert SAEBank.from_specs([str(path)], tmp_path).sites == [Site(0, "resid_pre"), Site(0, "resid_post"),
+                                                               Site(1, "resid_post")]
+    assert parse_kinds(" mlp_out,resid_post") == ("resid_post", "mlp_out")
+    everything = replace(plan, kinds=parse_kinds("mlp_out,attn_out,resid_post"))
+    assert everything.kinds == BuildPlan().kinds and plan.key(TINY_SOURCES) != everything.key(TINY_SOURCES)
+    with pytest.raises(AuditError, match="resid_post,attn_out,mlp_out"):
+        parse_kinds("resid")
+
+
 def test_time_budget_lowers_the_token_target(tiny_models, tmp_path):
     plan = tiny_plan("budget", model=str(tiny_models["llama"]), layers=(0,), train_tokens=50_000,
                      build_minutes=0.0005)
@@ -390,6 +404,7 @@ def test_pack_cli_errors_are_one_line(tmp_path, monkeypatch):
     cases = [(["pack", "info", "demo"], "auditui pack build demo"),
              (["pack", "build", "x", "--layers", "5-2", "--model", str(tmp_path)], "layers"),
              (["pack", "build", "x", "--k", "0", "--model", str(tmp_path)], "--k"),
+             (["pack", "build", "x", "--kinds", "mlp", "--model", str(tmp_path)], "kinds"),
              (["pack", "build", "x", "--minutes", "-1", "--model", str(tmp_path)], "--minutes")]
     for args, fragment in cases:
         result = runner.invoke(app, args)
