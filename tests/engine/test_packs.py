@@ -285,8 +285,8 @@ def test_a_residual_only_pack_trains_resid_sites_and_has_its_own_plan_key(tiny_m
     plan = tiny_plan("resid", model=str(tiny_models["llama"]), layers=(0, 1), train_tokens=1024,
                      kinds=parse_kinds("resid_post"))
     path = build_pack(plan, tmp_path, "cpu", "float32", sources=TINY_SOURCES)
-    assert SAEBank.from_specs([str(path)], tmp_path).sites == [Site(0, "resid_pre"), Site(0, "resid_post"),
-                                                               Site(1, "resid_post")]
+    assert SAEBank.from_specs([str(path)], tmp_path).sites == sorted([Site(0, "resid_pre"), Site(0, "resid_post"),
+                                                                      Site(1, "resid_post")])
     assert parse_kinds(" mlp_out,resid_post") == ("resid_post", "mlp_out")
     everything = replace(plan, kinds=parse_kinds("mlp_out,attn_out,resid_post"))
     assert everything.kinds == BuildPlan().kinds and plan.key(TINY_SOURCES) != everything.key(TINY_SOURCES)
